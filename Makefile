@@ -1,0 +1,41 @@
+# notify_ext — PGXS build.
+#   make && make install         build and install into the PostgreSQL found by pg_config
+#   make installcheck            pg_regress tests (needs a server with notify_ext preloaded
+#                                and notify.database = contrib_regression; see test/run)
+#   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
+
+EXTENSION = notify_ext
+EXTVERSION = 0.1
+
+MODULE_big = notify_ext
+OBJS = \
+	src/notify_ext.o \
+	src/capture.o \
+	src/worker.o \
+	src/fanout.o \
+	src/render.o \
+	src/sender.o \
+	src/smtp.o \
+	src/template.o \
+	src/mime.o
+
+SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+
+REGRESS = setup capture templates rules channels
+REGRESS_OPTS = --inputdir=sql --outputdir=. --load-extension=$(EXTENSION)
+
+PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = -lcurl
+EXTRA_CLEAN = results regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+$(EXTENSION)--$(EXTVERSION).sql: $(SQL_SOURCES)
+	cat $^ > $@
+
+.PHONY: unitcheck
+unitcheck:
+	$(MAKE) -C test/unit check

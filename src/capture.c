@@ -1,0 +1,342 @@
+/*-------------------------------------------------------------------------
+ *
+ * capture.c
+ *	  The trigger function installed by notify.watch, and notify.emit: both
+ *	  write one outbox row in the caller's transaction.
+ *
+ * This is the ERP's hot path: every watched INSERT pays for it.  The
+ * trigger therefore does the least that keeps the event complete (the row
+ * as jsonb, the old row, which columns changed) and leaves everything else
+ * (rules, recipients, rendering) to the worker.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+
+#include "notify_ext.h"
+
+PG_FUNCTION_INFO_V1(notify_capture);
+PG_FUNCTION_INFO_V1(notify_emit);
+
+#define EVENT_NARGS 7
+
+/* Saved plans, prepared once per backend. */
+static SPIPlanPtr insert_event_plan = NULL;
+static SPIPlanPtr emit_event_plan = NULL;
+
+/* to_jsonb's FmgrInfo: it learns its argument's type from fn_expr. */
+static FmgrInfo to_jsonb_finfo;
+static bool to_jsonb_ready = false;
+
+/* event_table_owner: the role the outbox is written as (the table's owner). */
+static Oid
+event_table_owner(void)
+{
+	Oid			nsp = get_namespace_oid("notify", false);
+	Oid			relid = get_relname_relid("event", nsp);
+	HeapTuple	tp;
+	Oid			owner;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("notify_ext's outbox table notify.event does not exist"),
+				 errhint("Is the extension installed in this database?")));
+	tp = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tp))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tp))->relowner;
+	ReleaseSysCache(tp);
+	return owner;
+}
+
+/* prepare_plan: SPI_prepare and keep, for the life of the backend. */
+static SPIPlanPtr
+prepare_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+/*
+ * insert_event: write one outbox row, as the outbox's owner, so that the
+ * ERP's roles need no rights on the notify schema.  Returns the event id
+ * when want_id.  An error here aborts the business transaction, as it must:
+ * an event that cannot be recorded must not be silently lost.
+ */
+static int64
+insert_event(Datum *values, const char *nulls, bool want_id)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			ret;
+	int64		id = 0;
+	SPIPlanPtr	plan;
+
+	SPI_connect();
+	if (insert_event_plan == NULL)
+	{
+		Oid			types[EVENT_NARGS] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TEXTARRAYOID};
+		const char *cols = "INSERT INTO notify.event (event_type, op, table_name, actor, row, old, changed) "
+		"VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+		insert_event_plan = prepare_plan(cols, EVENT_NARGS, types);
+		emit_event_plan = prepare_plan(psprintf("%s RETURNING id", cols), EVENT_NARGS, types);
+	}
+	plan = want_id ? emit_event_plan : insert_event_plan;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(event_table_owner(),
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	ret = SPI_execute_plan(plan, values, nulls, false, 0);
+	SetUserIdAndSecContext(save_userid, save_sec);
+
+	if (ret != (want_id ? SPI_OK_INSERT_RETURNING : SPI_OK_INSERT))
+		elog(ERROR, "could not write event into notify.event: %s", SPI_result_code_string(ret));
+	if (want_id)
+	{
+		bool		isnull;
+
+		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	SPI_finish();
+
+	notify_wake_worker_at_commit();
+	return id;
+}
+
+/* tuple_to_jsonb: to_jsonb(row), with PostgreSQL's own rules for every type. */
+static Datum
+tuple_to_jsonb(HeapTuple tuple, TupleDesc tupdesc)
+{
+	Datum		composite = heap_copy_tuple_as_datum(tuple, tupdesc);
+	FuncExpr   *expr;
+
+	if (!to_jsonb_ready)
+	{
+		fmgr_info_cxt(F_TO_JSONB, &to_jsonb_finfo, TopMemoryContext);
+		to_jsonb_ready = true;
+	}
+	/* to_jsonb reads its argument's type from the call expression */
+	expr = makeFuncExpr(F_TO_JSONB, JSONBOID,
+						list_make1(makeNullConst(tupdesc->tdtypeid, tupdesc->tdtypmod, InvalidOid)),
+						InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
+	to_jsonb_finfo.fn_expr = (Node *) expr;
+	return FunctionCall1(&to_jsonb_finfo, composite);
+}
+
+/* changed_columns: names of the columns whose value differs, in table order. */
+static Datum
+changed_columns(HeapTuple oldtup, HeapTuple newtup, TupleDesc tupdesc, bool *isnull)
+{
+	Datum	   *names = palloc(sizeof(Datum) * tupdesc->natts);
+	int			n = 0;
+
+	for (int i = 0; i < tupdesc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, i);
+		bool		null1,
+					null2;
+		Datum		v1,
+					v2;
+
+		if (att->attisdropped)
+			continue;
+		v1 = heap_getattr(oldtup, i + 1, tupdesc, &null1);
+		v2 = heap_getattr(newtup, i + 1, tupdesc, &null2);
+		if (null1 && null2)
+			continue;
+		if (null1 != null2 || !datum_image_eq(v1, v2, att->attbyval, att->attlen))
+			names[n++] = CStringGetTextDatum(NameStr(att->attname));
+	}
+	*isnull = false;
+	return PointerGetDatum(construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/* session_actor: the transaction's SET LOCAL notify.actor, or NULL. */
+static const char *
+session_actor(void)
+{
+	if (notify_actor == NULL || notify_actor[0] == '\0')
+		return NULL;
+	return notify_actor;
+}
+
+/*
+ * row_actor: the actor from the row's actor column, with its prefix
+ * ('seller' and 7 give 'seller:7'), or NULL when the column is null.
+ */
+static char *
+row_actor(HeapTuple tuple, TupleDesc tupdesc, const char *column, const char *prefix)
+{
+	int			attno = SPI_fnumber(tupdesc, column);
+	char	   *value;
+
+	if (attno <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("notify_ext: actor column \"%s\" does not exist", column),
+				 errhint("Re-create the watch with notify.unwatch and notify.watch.")));
+	value = SPI_getvalue(tuple, tupdesc, attno);
+	if (value == NULL)
+		return NULL;
+	if (prefix != NULL && prefix[0] != '\0')
+		return psprintf("%s:%s", prefix, value);
+	return value;
+}
+
+/*
+ * notify_capture: the AFTER ROW trigger.  Arguments: event_type,
+ * actor_column ('' for none), actor_prefix ('' for none).
+ */
+Datum
+notify_capture(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Trigger    *trigger;
+	Relation	rel;
+	TupleDesc	tupdesc;
+	HeapTuple	row;
+	Datum		values[EVENT_NARGS];
+	char		nulls[EVENT_NARGS];
+	const char *op;
+	const char *actor = NULL;
+	char	   *table_name;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("notify.capture() may only be called as a trigger"),
+				 errhint("Use notify.watch() to install it.")));
+	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("notify.capture() must be an AFTER ... FOR EACH ROW trigger")));
+
+	trigger = trigdata->tg_trigger;
+	if (trigger->tgnargs < 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("notify.capture() needs the event type as its first argument")));
+
+	rel = trigdata->tg_relation;
+	tupdesc = RelationGetDescr(rel);
+	memset(nulls, ' ', sizeof(nulls));
+
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+	{
+		op = "INSERT";
+		row = trigdata->tg_trigtuple;
+		values[4] = tuple_to_jsonb(row, tupdesc);
+		nulls[5] = 'n';
+		nulls[6] = 'n';
+	}
+	else if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		bool		isnull;
+
+		op = "UPDATE";
+		row = trigdata->tg_newtuple;
+		values[4] = tuple_to_jsonb(row, tupdesc);
+		values[5] = tuple_to_jsonb(trigdata->tg_trigtuple, tupdesc);
+		values[6] = changed_columns(trigdata->tg_trigtuple, row, tupdesc, &isnull);
+	}
+	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+	{
+		op = "DELETE";
+		row = trigdata->tg_trigtuple;
+		values[4] = tuple_to_jsonb(row, tupdesc);
+		values[5] = values[4];
+		nulls[6] = 'n';
+	}
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("notify.capture() handles INSERT, UPDATE and DELETE only")));
+
+	if (trigger->tgnargs >= 2 && trigger->tgargs[1][0] != '\0')
+		actor = row_actor(row, tupdesc, trigger->tgargs[1],
+						  trigger->tgnargs >= 3 ? trigger->tgargs[2] : NULL);
+	if (actor == NULL)
+		actor = session_actor();
+
+	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+											RelationGetRelationName(rel));
+	values[0] = CStringGetTextDatum(trigger->tgargs[0]);
+	values[1] = CStringGetTextDatum(op);
+	values[2] = CStringGetTextDatum(table_name);
+	if (actor != NULL)
+		values[3] = CStringGetTextDatum(actor);
+	else
+		nulls[3] = 'n';
+
+	insert_event(values, nulls, false);
+
+	return PointerGetDatum(NULL);
+}
+
+/* notify_emit: notify.emit(event_type, payload, actor) for events no table shows. */
+Datum
+notify_emit(PG_FUNCTION_ARGS)
+{
+	Datum		values[EVENT_NARGS];
+	char		nulls[EVENT_NARGS];
+	text	   *event_type;
+	const char *actor = NULL;
+	char	   *type_str;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("notify.emit: event_type must not be null")));
+	event_type = PG_GETARG_TEXT_PP(0);
+	type_str = text_to_cstring(event_type);
+	if (type_str[0] == '\0' || strspn(type_str, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-") != strlen(type_str))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("notify.emit: invalid event type \"%s\"", type_str),
+				 errhint("Use letters, digits and _ . : - only, e.g. 'order.created'.")));
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = PointerGetDatum(event_type);
+	values[1] = CStringGetTextDatum("EMIT");
+	nulls[2] = 'n';
+	if (!PG_ARGISNULL(2))
+		actor = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	else
+		actor = session_actor();
+	if (actor != NULL)
+		values[3] = CStringGetTextDatum(actor);
+	else
+		nulls[3] = 'n';
+	if (PG_ARGISNULL(1))
+		values[4] = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	else
+		values[4] = PG_GETARG_DATUM(1);
+	nulls[5] = 'n';
+	nulls[6] = 'n';
+
+	PG_RETURN_INT64(insert_event(values, nulls, true));
+}

@@ -1,0 +1,433 @@
+/*-------------------------------------------------------------------------
+ *
+ * sender.c
+ *	  Claim due messages, send them outside any transaction, record what
+ *	  happened.
+ *
+ * A claim marks messages 'sending' with a lease and commits before the
+ * first byte goes to the network: no transaction (and no lock) is held
+ * while a server takes its time.  The results of the whole batch are then
+ * written in one new transaction.  A crash between the server's 250 and
+ * that transaction sends the message again after the lease: delivery is
+ * at least once, and the stable Message-ID makes the duplicate visible.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "notify_ext.h"
+#include "smtp.h"
+
+/* A claimed message and, after sending, its result. */
+typedef struct ClaimedMessage
+{
+	OutMessage	out;
+	char	   *channel;
+	int			attempts;
+	TimestampTz started;
+	TimestampTz finished;
+	bool		tried;			/* false: left to the lease (worker stopping) */
+	SendResult	result;
+} ClaimedMessage;
+
+/* One open client per channel, kept between batches for connection reuse. */
+typedef struct ChannelClient
+{
+	char	   *name;
+	SmtpClient *client;
+} ChannelClient;
+
+static List *clients = NIL;		/* of ChannelClient, in TopMemoryContext */
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr channel_plan = NULL;
+static SPIPlanPtr record_plan = NULL;
+static SPIPlanPtr attempt_plan = NULL;
+static SPIPlanPtr next_due_plan = NULL;
+
+/* keep_plan: prepare once for the life of the worker. */
+static SPIPlanPtr
+keep_plan(const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+/* prepare_plans: the sender's statements. */
+static void
+prepare_plans(void)
+{
+	Oid			claim_t[2] = {INT4OID, INT4OID};
+	Oid			text_t[1] = {TEXTOID};
+	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, INT4OID};
+	Oid			attempt_t[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TEXTOID};
+
+	if (claim_plan != NULL)
+		return;
+
+	/*
+	 * Due messages, and those whose lease ran out (a sender that died):
+	 * both are taken in id order, a batch at a time, skipping what another
+	 * sender holds.
+	 */
+	claim_plan = keep_plan(
+						   "WITH due AS ("
+						   "  SELECT m.id FROM notify.message m"
+						   "   WHERE (m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now())"
+						   "      OR (m.status = 'sending' AND m.lease_until < pg_catalog.now())"
+						   "   ORDER BY m.next_attempt_at, m.id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+						   "UPDATE notify.message m SET status = 'sending', attempts = m.attempts + 1,"
+						   "       lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
+						   "  FROM due WHERE m.id = due.id "
+						   "RETURNING m.id, m.address, m.display_name, m.subject, m.text_body, m.html_body,"
+						   "          m.channel, m.attempts",
+						   2, claim_t);
+	channel_plan = keep_plan(
+							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls"
+							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
+							 " WHERE c.name = $1",
+							 1, text_t);
+
+	/*
+	 * $2 is the new status; a retry goes back to the queue after the
+	 * backoff ($5 seconds), unless attempts are spent ($6 = max).
+	 */
+	record_plan = keep_plan(
+							"UPDATE notify.message SET"
+							"  status = CASE WHEN $2 = 'retry' AND attempts >= $6 THEN 'dead'"
+							"                WHEN $2 = 'retry' THEN 'queued' ELSE $2 END,"
+							"  sent_at = CASE WHEN $2 = 'sent' THEN pg_catalog.now() END,"
+							"  last_error = $3, smtp_response = $4,"
+							"  next_attempt_at = CASE WHEN $2 = 'retry'"
+							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => $5)"
+							"      ELSE next_attempt_at END,"
+							"  lease_until = NULL "
+							"WHERE id = $1 AND status = 'sending' AND attempts = $7",
+							7, record_t);
+	attempt_plan = keep_plan(
+							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
+							 " VALUES ($1, $2, $3, $4, $5, $6)",
+							 6, attempt_t);
+	next_due_plan = keep_plan(
+							  "SELECT pg_catalog.extract(epoch FROM pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
+							  "  FROM notify.message m WHERE m.status = 'queued'",
+							  0, NULL);
+}
+
+/* find_client: the open client of a channel, recreated if its settings changed. */
+static SmtpClient *
+find_client(const char *channel, SmtpConfig *cfg)
+{
+	ListCell   *lc;
+	ChannelClient *cc;
+	MemoryContext old;
+
+	foreach(lc, clients)
+	{
+		cc = (ChannelClient *) lfirst(lc);
+		if (strcmp(cc->name, channel) == 0)
+		{
+			if (smtp_client_matches(cc->client, cfg))
+				return cc->client;
+			smtp_client_destroy(cc->client);
+			cc->client = smtp_client_create(cfg);
+			return cc->client;
+		}
+	}
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	cc = palloc0(sizeof(ChannelClient));
+	cc->name = pstrdup(channel);
+	cc->client = smtp_client_create(cfg);
+	clients = lappend(clients, cc);
+	MemoryContextSwitchTo(old);
+	return cc->client;
+}
+
+/* sender_shutdown: close every connection (worker exit, extension dropped). */
+void
+sender_shutdown(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, clients)
+		smtp_client_destroy(((ChannelClient *) lfirst(lc))->client);
+	list_free_deep(clients);
+	clients = NIL;
+}
+
+/* load_channel: a channel's settings, palloc'd; false when it does not exist. */
+static bool
+load_channel(const char *name, SmtpConfig *cfg, char **kind)
+{
+	Datum		arg = CStringGetTextDatum(name);
+	int			ret = SPI_execute_plan(channel_plan, &arg, NULL, true, 1);
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "channel lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	*kind = SPI_getvalue(tup, desc, 1);
+	cfg->name = pstrdup(name);
+	cfg->url = SPI_getvalue(tup, desc, 2);
+	cfg->from_address = SPI_getvalue(tup, desc, 3);
+	cfg->username = SPI_getvalue(tup, desc, 4);
+	cfg->password = SPI_getvalue(tup, desc, 5);
+	cfg->tls = SPI_getvalue(tup, desc, 6);
+	return true;
+}
+
+/* claim_messages: mark a batch 'sending' under a lease; the caller commits. */
+static List *
+claim_messages(int batch_size)
+{
+	Datum		args[2] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease)};
+	int			ret = SPI_execute_plan(claim_plan, args, NULL, false, 0);
+	List	   *claimed = NIL;
+
+	if (ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "could not claim messages: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		ClaimedMessage *m = palloc0(sizeof(ClaimedMessage));
+		bool		isnull;
+
+		m->out.id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		m->out.address = SPI_getvalue(tup, desc, 2);
+		m->out.display_name = SPI_getvalue(tup, desc, 3);
+		m->out.subject = SPI_getvalue(tup, desc, 4);
+		m->out.text_body = SPI_getvalue(tup, desc, 5);
+		m->out.html_body = SPI_getvalue(tup, desc, 6);
+		m->channel = SPI_getvalue(tup, desc, 7);
+		m->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		claimed = lappend(claimed, m);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return claimed;
+}
+
+/*
+ * retry_delay: seconds before the next try, doubling from
+ * notify.retry_backoff, capped at an hour, with up to 25% jitter so that
+ * a queue that failed together does not retry together.
+ */
+static int
+retry_delay(int attempts)
+{
+	double		delay = notify_retry_backoff;
+
+	for (int i = 1; i < attempts && delay < 3600; i++)
+		delay *= 2;
+	delay = Min(delay, 3600);
+	delay *= 1.0 + 0.25 * pg_prng_double(&pg_global_prng_state);
+	return (int) Min(delay, 3600);
+}
+
+/* record_results: status, log and one attempt row per message, in one transaction. */
+static void
+record_results(List *claimed)
+{
+	ListCell   *lc;
+
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+		const char *status;
+		const char *outcome;
+		Datum		v[7];
+		char		n[7];
+		Datum		a[6];
+		char		an[6];
+		int			ret;
+
+		if (!m->tried)
+			continue;
+
+		switch (m->result.outcome)
+		{
+			case SEND_SENT:
+				status = outcome = "sent";
+				break;
+			case SEND_FAILED:
+				status = outcome = "failed";
+				break;
+			default:
+				status = outcome = "retry";
+				break;
+		}
+		memset(n, ' ', sizeof(n));
+		v[0] = Int64GetDatum(m->out.id);
+		v[1] = CStringGetTextDatum(status);
+		if (m->result.error[0])
+			v[2] = CStringGetTextDatum(m->result.error);
+		else
+			n[2] = 'n';
+		if (m->result.response[0])
+			v[3] = CStringGetTextDatum(m->result.response);
+		else
+			n[3] = 'n';
+		v[4] = Int32GetDatum(retry_delay(m->attempts));
+		v[5] = Int32GetDatum(notify_max_attempts);
+		v[6] = Int32GetDatum(m->attempts);
+		ret = SPI_execute_plan(record_plan, v, n, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "could not record the outcome of message %lld: %s",
+				 m->out.id, SPI_result_code_string(ret));
+
+		memset(an, ' ', sizeof(an));
+		a[0] = Int64GetDatum(m->out.id);
+		a[1] = TimestampTzGetDatum(m->started);
+		a[2] = TimestampTzGetDatum(m->finished);
+		a[3] = CStringGetTextDatum(outcome);
+		if (m->result.code > 0)
+			a[4] = Int32GetDatum(m->result.code);
+		else
+			an[4] = 'n';
+		if (m->result.response[0] || m->result.error[0])
+			a[5] = CStringGetTextDatum(m->result.response[0] ? m->result.response : m->result.error);
+		else
+			an[5] = 'n';
+		ret = SPI_execute_plan(attempt_plan, a, an, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "could not record attempt of message %lld: %s",
+				 m->out.id, SPI_result_code_string(ret));
+	}
+}
+
+/* begin_work: a transaction with SPI and a snapshot, as worker_spi does it. */
+static void
+begin_work(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/* end_work: commit what begin_work started. */
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * send_due_messages: one claim-send-record round.  Returns how many
+ * messages were claimed; *next_due_ms is set to when the next queued
+ * message falls due (-1 when none), so the worker sleeps no longer.
+ * Called outside any transaction; memory is the caller's to reset.
+ */
+int
+send_due_messages(int batch_size, long *next_due_ms)
+{
+	List	   *claimed;
+	List	   *configs = NIL;	/* parallel to claimed: SmtpConfig or NULL */
+	ListCell   *lc,
+			   *cc;
+	MemoryContext batch = CurrentMemoryContext;
+	bool		isnull;
+	Datum		due;
+
+	*next_due_ms = -1;
+
+	begin_work("notify_ext: claiming messages");
+	prepare_plans();
+	MemoryContextSwitchTo(batch);
+	claimed = claim_messages(batch_size);
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+		SmtpConfig *cfg = palloc0(sizeof(SmtpConfig));
+		char	   *kind = NULL;
+
+		MemoryContextSwitchTo(batch);
+		if (!load_channel(m->channel, cfg, &kind) || strcmp(kind, "smtp") != 0)
+			cfg = NULL;
+		configs = lappend(configs, cfg);
+	}
+	MemoryContextSwitchTo(batch);
+	end_work();
+	MemoryContextSwitchTo(batch);
+
+	if (claimed != NIL)
+	{
+		notify_set_worker_state("sending");
+		pgstat_report_activity(STATE_RUNNING, "notify_ext: sending messages");
+		forboth(lc, claimed, cc, configs)
+		{
+			ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+			SmtpConfig *cfg = (SmtpConfig *) lfirst(cc);
+
+			/* the worker is asked to stop: record what is done, leave the rest to the lease */
+			if (ProcDiePending)
+				break;
+			m->started = GetCurrentTimestamp();
+			if (cfg == NULL)
+			{
+				m->result.outcome = SEND_RETRY;
+				snprintf(m->result.error, sizeof(m->result.error),
+						 "channel \"%s\" does not exist or is not an SMTP channel", m->channel);
+			}
+			else
+				smtp_send(find_client(m->channel, cfg), &m->out, &m->result);
+			m->finished = GetCurrentTimestamp();
+			m->tried = true;
+		}
+
+		/*
+		 * What was sent must be recorded even if a SIGTERM arrived meanwhile:
+		 * dying here would send those messages a second time after restart.
+		 */
+		HOLD_INTERRUPTS();
+		begin_work("notify_ext: recording results");
+		MemoryContextSwitchTo(batch);
+		record_results(claimed);
+		MemoryContextSwitchTo(batch);
+		end_work();
+		RESUME_INTERRUPTS();
+		MemoryContextSwitchTo(batch);
+		notify_set_worker_state("idle");
+	}
+
+	begin_work("notify_ext: next due");
+	if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		if (!isnull)
+		{
+			double		secs = DatumGetFloat8(DirectFunctionCall1(numeric_float8, due));
+
+			*next_due_ms = secs <= 0 ? 0 : (long) (secs * 1000.0) + 1;
+		}
+	}
+	end_work();
+	MemoryContextSwitchTo(batch);
+
+	return list_length(claimed);
+}

@@ -1,0 +1,32 @@
+-- The delivery log: every message ever sent, failed, pending or suppressed,
+-- and every event whose processing failed, in one place.
+CREATE VIEW notify.delivery_log AS
+    SELECT m.id AS message_id, m.event_id, m.event_type, m.rule_name AS rule,
+           m.recipient_key, m.address, m.channel, m.status, m.attempts, m.subject,
+           m.created_at, m.sent_at, m.last_error, m.smtp_response
+      FROM notify.message m
+    UNION ALL
+    SELECT NULL::bigint, e.id, e.event_type, NULL::text,
+           NULL::text, NULL::text, NULL::text, 'failed'::text, 0, NULL::text,
+           e.occurred_at, NULL::timestamptz, e.last_error, NULL::text
+      FROM notify.event e
+     WHERE e.status = 'failed';
+
+-- Least privilege: nothing for PUBLIC; notify_admin manages and reads.
+REVOKE ALL ON ALL TABLES IN SCHEMA notify FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
+GRANT USAGE ON SCHEMA notify TO notify_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient, notify.template, notify.rule, notify.watch
+    TO notify_admin;
+GRANT SELECT ON notify.event, notify.message, notify.attempt, notify.channel,
+    notify.channels, notify.delivery_log TO notify_admin;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
+REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;
+
+-- Configuration survives pg_dump; the queues are data, dumped with the tables' contents too.
+SELECT pg_catalog.pg_extension_config_dump('notify.recipient', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.template', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.rule', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.channel', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.channel_secret', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.watch', '');

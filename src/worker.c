@@ -1,0 +1,264 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background worker's loop: wait for a wake-up (a commit that wrote
+ *	  events) or the poll interval, then fan out pending events and send
+ *	  due messages until there is nothing left, then wait again.
+ *
+ * Orchestration only: the work itself is in fanout.c and sender.c.  Any
+ * error escaping a round is logged, its transaction aborted, and the loop
+ * goes on after a pause that grows with repeated failures: the worker
+ * must neither die of a bad row nor spin on a persistent fault.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/wait_event.h"
+
+#include "notify_ext.h"
+#include "smtp.h"
+
+/* Longest pause after repeated errors. */
+#define MAX_ERROR_PAUSE_MS 60000L
+
+static MemoryContext round_cxt = NULL;
+
+/* unpublish_worker: forget our latch in shared memory when we exit. */
+static void
+unpublish_worker(int code, Datum arg)
+{
+	sender_shutdown();
+	if (notify_shared == NULL)
+		return;
+	SpinLockAcquire(&notify_shared->mutex);
+	if (notify_shared->worker_pid == MyProcPid)
+	{
+		notify_shared->worker_pid = 0;
+		notify_shared->worker_latch = NULL;
+		strlcpy(notify_shared->state, "stopped", sizeof(notify_shared->state));
+	}
+	SpinLockRelease(&notify_shared->mutex);
+}
+
+/* publish_worker: let backends find our latch to wake us at commit. */
+static void
+publish_worker(void)
+{
+	SpinLockAcquire(&notify_shared->mutex);
+	notify_shared->worker_pid = MyProcPid;
+	notify_shared->worker_latch = MyLatch;
+	notify_shared->last_error[0] = '\0';
+	SpinLockRelease(&notify_shared->mutex);
+	before_shmem_exit(unpublish_worker, (Datum) 0);
+}
+
+/* record_worker_error: the last error, for worker_status(). */
+static void
+record_worker_error(const char *msg)
+{
+	SpinLockAcquire(&notify_shared->mutex);
+	strlcpy(notify_shared->last_error, msg ? msg : "", sizeof(notify_shared->last_error));
+	SpinLockRelease(&notify_shared->mutex);
+}
+
+/* extension_installed: whether CREATE EXTENSION notify_ext has run here. */
+static bool
+extension_installed(void)
+{
+	bool		installed;
+
+	StartTransactionCommand();
+	installed = OidIsValid(get_extension_oid("notify_ext", true));
+	CommitTransactionCommand();
+	return installed;
+}
+
+/*
+ * reclaim_orphans: at start, messages left 'sending' can only belong to a
+ * predecessor that died: take them back at once rather than waiting for
+ * their lease.
+ */
+static void
+reclaim_orphans(void)
+{
+	int			ret;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "notify_ext: reclaiming messages");
+	ret = SPI_execute("UPDATE notify.message SET status = 'queued', lease_until = NULL, "
+					  "next_attempt_at = pg_catalog.now() WHERE status = 'sending'", false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not reclaim messages: %s", SPI_result_code_string(ret));
+	if (SPI_processed > 0)
+		ereport(LOG,
+				(errmsg("notify_ext: took back %llu message(s) a previous worker had claimed",
+						(unsigned long long) SPI_processed)));
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* fanout_round: one fan-out transaction; returns events processed. */
+static int
+fanout_round(void)
+{
+	int			n;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "notify_ext: fanning out events");
+	notify_set_worker_state("fanning out");
+	n = fanout_pending_events(notify_batch_size);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return n;
+}
+
+/*
+ * run_rounds: fan out and send until a round finds less than a batch of
+ * each.  Returns how long the worker may sleep (ms) before a queued
+ * message falls due.
+ */
+static long
+run_rounds(void)
+{
+	long		sleep_ms = notify_poll_interval;
+
+	for (;;)
+	{
+		int			events;
+		int			sent;
+		long		next_due = -1;
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(round_cxt);
+		MemoryContextSwitchTo(round_cxt);
+		events = fanout_round();
+		MemoryContextSwitchTo(round_cxt);
+		sent = send_due_messages(notify_batch_size, &next_due);
+		MemoryContextSwitchTo(TopMemoryContext);
+
+		if (next_due >= 0)
+			sleep_ms = Min((long) notify_poll_interval, next_due);
+		else
+			sleep_ms = notify_poll_interval;
+		if (events < notify_batch_size && sent < notify_batch_size && sleep_ms > 0)
+			break;
+		if (ConfigReloadPending)
+			break;
+	}
+	notify_set_worker_state("idle");
+	return sleep_ms;
+}
+
+/*
+ * notify_worker_main: entry point.  Connects to notify.database, waits
+ * quietly for the extension to exist there, then serves it.
+ */
+void
+notify_worker_main(Datum main_arg)
+{
+	volatile bool ready = false;
+	volatile int failures = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(notify_database, NULL, 0);
+	pgstat_report_appname("notify_ext worker");
+
+	publish_worker();
+	smtp_global_init();
+	round_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext round", ALLOCSET_DEFAULT_SIZES);
+
+	ereport(LOG, (errmsg("notify_ext worker started in database \"%s\"", notify_database)));
+
+	for (;;)
+	{
+		long		sleep_ms = notify_poll_interval;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		PG_TRY();
+		{
+			if (!extension_installed())
+			{
+				if (ready)
+				{
+					ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\"; waiting for it to be created again",
+										 notify_database)));
+					sender_shutdown();
+				}
+				ready = false;
+				notify_set_worker_state("waiting for CREATE EXTENSION");
+			}
+			else
+			{
+				if (!ready)
+				{
+					reclaim_orphans();
+					ready = true;
+					notify_set_worker_state("idle");
+				}
+				if (notify_enabled)
+					sleep_ms = run_rounds();
+				else
+					notify_set_worker_state("paused (notify.enabled = off)");
+			}
+			failures = 0;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(TopMemoryContext);
+			edata = CopyErrorData();
+			EmitErrorReport();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			record_worker_error(edata->message);
+			FreeErrorData(edata);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			/* a persistent fault must not make the worker spin */
+			failures++;
+			sleep_ms = Min(MAX_ERROR_PAUSE_MS, 1000L << Min(failures, 6));
+			ready = false;
+		}
+		PG_END_TRY();
+
+		(void) WaitLatch(MyLatch,
+						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 sleep_ms,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
