@@ -93,9 +93,9 @@ class Cluster:
     def reload(self):
         self.pg_ctl("reload")
 
-    def connect(self, dbname=None, **kw):
+    def connect(self, dbname=None, autocommit=True, **kw):
         return psycopg.connect(host=self.sock, port=self.port, user="postgres",
-                               dbname=dbname or self.dbname, autocommit=True, **kw)
+                               dbname=dbname or self.dbname, autocommit=autocommit, **kw)
 
     def log(self):
         with open(self.logfile, errors="replace") as f:

@@ -1,0 +1,84 @@
+--
+-- setup: what CREATE EXTENSION notify_ext installs, and its rights.
+-- (CREATE EXTENSION in a database other than notify.database is refused;
+-- that needs a second database and is tested end-to-end.)
+--
+
+-- the extension, its schema and its version
+SELECT e.extname, e.extversion, n.nspname AS schema, e.extrelocatable
+  FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+ WHERE e.extname = 'notify_ext';
+
+-- every function of the interface, with its arguments and result
+SELECT p.proname, pg_get_function_identity_arguments(p.oid) AS arguments,
+       pg_get_function_result(p.oid) AS result
+  FROM pg_proc p
+ WHERE p.pronamespace = 'notify'::regnamespace
+ ORDER BY p.proname, arguments;
+
+-- tables and views
+SELECT c.relname, c.relkind
+  FROM pg_class c
+ WHERE c.relnamespace = 'notify'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm')
+ ORDER BY c.relname;
+
+-- the views' columns (the delivery log and channels are read by users)
+SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+ WHERE c.relnamespace = 'notify'::regnamespace AND c.relkind = 'v'
+   AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY c.relname, a.attnum;
+
+-- the management role exists and cannot log in
+SELECT rolname, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb
+  FROM pg_roles WHERE rolname = 'notify_admin';
+
+-- the notify.* settings are registered (only names and defaults that do not depend on the run)
+SELECT name, context, vartype
+  FROM pg_settings
+ WHERE name LIKE 'notify.%' AND name <> 'notify.database'
+ ORDER BY name;
+SHOW notify.database;
+
+-- PUBLIC (grantee 0) holds no right on anything in schema notify.
+-- A NULL ACL means the default one: for a function that includes EXECUTE for PUBLIC.
+SELECT p.oid::regprocedure AS function_executable_by_public
+  FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+ WHERE p.pronamespace = 'notify'::regnamespace AND a.grantee = 0;
+SELECT c.relname AS relation_accessible_by_public, a.privilege_type
+  FROM pg_class c,
+       aclexplode(coalesce(c.relacl, acldefault(CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char",
+                                                c.relowner))) a
+ WHERE c.relnamespace = 'notify'::regnamespace AND a.grantee = 0;
+SELECT n.nspname AS schema_usable_by_public, a.privilege_type
+  FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+ WHERE n.nspname = 'notify' AND a.grantee = 0;
+
+-- notify_admin may use the schema
+SELECT has_schema_privilege('notify_admin', 'notify', 'USAGE') AS admin_uses_schema;
+
+-- the secrets are granted to nobody
+SELECT count(*) AS secret_grants
+  FROM pg_class c, aclexplode(c.relacl) a
+ WHERE c.oid = 'notify.channel_secret'::regclass AND a.grantee <> c.relowner;
+
+-- every SECURITY DEFINER function pins search_path
+SELECT p.oid::regprocedure AS security_definer, p.proconfig
+  FROM pg_proc p
+ WHERE p.pronamespace = 'notify'::regnamespace AND p.prosecdef
+ ORDER BY p.oid::regprocedure::text;
+SELECT p.oid::regprocedure AS security_definer_without_search_path
+  FROM pg_proc p
+ WHERE p.pronamespace = 'notify'::regnamespace AND p.prosecdef
+   AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\_path=%');
+-- and no pinned search_path puts a schema writable by others before pg_catalog
+SELECT p.oid::regprocedure AS function, c AS setting
+  FROM pg_proc p, unnest(p.proconfig) c
+ WHERE p.pronamespace = 'notify'::regnamespace AND c LIKE 'search\_path=%'
+   AND c NOT LIKE 'search\_path=pg\_catalog%';
+
+-- the configuration tables are dumped with pg_dump
+SELECT c.oid::regclass AS dumped
+  FROM pg_extension e, unnest(e.extconfig) c(oid)
+ WHERE e.extname = 'notify_ext'
+ ORDER BY c.oid::regclass::text;

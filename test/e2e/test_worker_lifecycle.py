@@ -1,0 +1,119 @@
+"""The worker's life: waiting for CREATE EXTENSION, surviving DROP EXTENSION
+and DROP DATABASE without blocking them, SIGTERM, and SIGHUP reloads.
+This module has its own cluster: it drops and re-creates the extension."""
+import time
+
+import psycopg
+import pytest
+
+from harness import Cluster, wait_until
+
+
+@pytest.fixture(scope="module")
+def bare(smtp):
+    c = Cluster(dbname="erp2", settings={"notify.poll_interval": "'30s'"})
+    yield c
+    c.destroy()
+
+
+def worker_pid(conn):
+    row = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'notify_ext worker'").fetchone()
+    return row[0] if row else None
+
+
+def install(conn, smtp, uniq):
+    conn.execute("CREATE EXTENSION notify_ext")
+    conn.execute("SELECT notify.set_smtp(%s, 'erp@example.com', tls => 'off')",
+                 (f"smtp://127.0.0.1:{smtp.port}",))
+    conn.execute("SELECT notify.set_template('t', 'Hello {{row.n}}', 'Body {{row.n}}')")
+
+
+def send_one(conn, smtp, uniq, timeout=10):
+    etype = f"ping.{uniq}"
+    to = f"{uniq}@example.com"
+    if not conn.execute("SELECT 1 FROM notify.rule WHERE name = %s", (etype,)).fetchone():
+        conn.execute("SELECT notify.create_rule(%s, %s, 't', ARRAY[%s])", (etype, etype, f"email:{to}"))
+    n = len(smtp.to(to))
+    conn.execute("SELECT notify.emit(%s, '{\"n\": 1}')", (etype,))
+    return smtp.wait_for(to, count=n + 1, timeout=timeout)
+
+
+def test_worker_waits_for_extension_then_serves_it(bare, smtp, uniq):
+    with bare.connect() as conn:
+        wait_until(lambda: worker_pid(conn), what="worker running")
+        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'notify_ext'").fetchone()[0] == 0
+        time.sleep(0.5)
+        install(conn, smtp, uniq)
+        t0 = time.monotonic()
+        send_one(conn, smtp, uniq, timeout=5)
+        # woken by CREATE EXTENSION's commit, not by a 30 s poll nor a restart
+        assert time.monotonic() - t0 < 3
+
+
+def test_extension_refused_outside_notify_database(bare):
+    with bare.connect("postgres") as conn:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as exc:
+            conn.execute("CREATE EXTENSION notify_ext")
+        assert 'notify_ext can only be created in database "erp2"' in str(exc.value)
+        assert "notify.database" in str(exc.value)
+
+
+def test_drop_database_of_another_database_is_not_blocked(bare):
+    with bare.connect("postgres") as conn:
+        conn.execute("CREATE DATABASE scratch")
+        t0 = time.monotonic()
+        conn.execute("DROP DATABASE scratch")
+        assert time.monotonic() - t0 < 3
+
+
+def test_drop_extension_is_not_blocked_and_worker_recovers(bare, smtp, uniq):
+    with bare.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
+            install(conn, smtp, uniq)
+        send_one(conn, smtp, uniq)
+        conn.execute("SET lock_timeout = '5s'")
+        t0 = time.monotonic()
+        conn.execute("DROP EXTENSION notify_ext CASCADE")
+        assert time.monotonic() - t0 < 5
+        pid = worker_pid(conn)
+        assert pid is not None, "the worker must survive the extension being dropped"
+        install(conn, smtp, uniq)
+        send_one(conn, smtp, uniq + "again")
+        assert worker_pid(conn) == pid, "no restart needed"
+    assert "notify_ext worker ERROR" not in bare.log()
+
+
+def test_sigterm_stops_worker_promptly_and_it_comes_back(bare, smtp, uniq):
+    with bare.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
+            install(conn, smtp, uniq)
+        pid = wait_until(lambda: worker_pid(conn), what="worker running")
+        t0 = time.monotonic()
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: worker_pid(conn) != pid, timeout=5, what="worker exit")
+        print(f"worker exited {1000 * (time.monotonic() - t0):.0f} ms after SIGTERM")
+        assert time.monotonic() - t0 < 2
+        # exit code 1: the postmaster restarts it (exit 0 would unregister it for good)
+        wait_until(lambda: worker_pid(conn), timeout=30, what="worker restarted")
+        send_one(conn, smtp, uniq, timeout=15)
+
+
+def test_reload_pauses_and_resumes_sending(bare, smtp, uniq):
+    with bare.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
+            install(conn, smtp, uniq)
+        wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
+        conn.execute("ALTER SYSTEM SET notify.enabled = off")
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(1)
+        etype = f"ping.{uniq}"
+        to = f"{uniq}@example.com"
+        conn.execute("SELECT notify.create_rule(%s, %s, 't', ARRAY[%s])", (etype, etype, f"email:{to}"))
+        conn.execute("SELECT notify.emit(%s, '{\"n\": 2}')", (etype,))
+        time.sleep(1.5)
+        assert smtp.to(to) == [], "notify.enabled = off must pause sending"
+        assert conn.execute("SELECT count(*) FROM notify.event WHERE event_type = %s",
+                            (etype,)).fetchone()[0] == 1
+        conn.execute("ALTER SYSTEM RESET notify.enabled")
+        conn.execute("SELECT pg_reload_conf()")
+        smtp.wait_for(to, timeout=10)
