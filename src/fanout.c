@@ -242,10 +242,13 @@ resolve_spec(const char *spec, const TmplValue *ctx)
 	}
 	if (kindlen == 9 && strncmp(spec, "recipient", 9) == 0)
 	{
+		MemoryContext target = CurrentMemoryContext;
 		Datum		key = CStringGetTextDatum(arg);
 		int			ret = SPI_execute_plan(recipient_plan, &key, NULL, true, 1);
 		HeapTuple	tup;
 		TupleDesc	desc;
+
+		MemoryContextSwitchTo(target);
 
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "recipient lookup failed: %s", SPI_result_code_string(ret));
@@ -306,7 +309,12 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 	SET_TEXT(11, msg ? msg->html_body : NULL);
 	SET_TEXT(12, error);
 #undef SET_TEXT
-	ret = SPI_execute_plan(insert_message_plan, v, n, false, 0);
+	{
+		MemoryContext target = CurrentMemoryContext;
+
+		ret = SPI_execute_plan(insert_message_plan, v, n, false, 0);
+		MemoryContextSwitchTo(target);
+	}
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not queue message: %s", SPI_result_code_string(ret));
 }
@@ -315,9 +323,12 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 static List *
 load_rules(const char *event_type)
 {
+	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = CStringGetTextDatum(event_type);
 	int			ret = SPI_execute_plan(rules_plan, &arg, NULL, true, 0);
 	List	   *rules = NIL;
+
+	MemoryContextSwitchTo(target);
 
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "rule lookup failed: %s", SPI_result_code_string(ret));
@@ -419,8 +430,10 @@ mark_event(int64 id, const char *error)
 {
 	Datum		v[2];
 	int			ret;
+	MemoryContext target = CurrentMemoryContext;
 
 	v[0] = Int64GetDatum(id);
+
 	if (error == NULL)
 		ret = SPI_execute_plan(mark_done_plan, v, NULL, false, 0);
 	else
@@ -428,6 +441,7 @@ mark_event(int64 id, const char *error)
 		v[1] = CStringGetTextDatum(error);
 		ret = SPI_execute_plan(mark_failed_plan, v, NULL, false, 0);
 	}
+	MemoryContextSwitchTo(target);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not mark event %lld: %s", (long long) id, SPI_result_code_string(ret));
 }
@@ -436,9 +450,12 @@ mark_event(int64 id, const char *error)
 static List *
 claim_events(int batch_size)
 {
+	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = Int64GetDatum(batch_size);
 	int			ret = SPI_execute_plan(claim_plan, &arg, NULL, false, 0);
 	List	   *events = NIL;
+
+	MemoryContextSwitchTo(target);
 
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not claim events: %s", SPI_result_code_string(ret));

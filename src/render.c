@@ -174,6 +174,8 @@ fetch_template(const char *name, const char *locale, char **parts)
 	else
 		nulls[1] = 'n';
 	ret = SPI_execute_plan(plan, args, nulls, true, 1);
+	/* SPI returns in its own context: go on in the caller's */
+	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "template lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

@@ -175,11 +175,14 @@ sender_shutdown(void)
 static bool
 load_channel(const char *name, SmtpConfig *cfg, char **kind)
 {
+	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = CStringGetTextDatum(name);
 	int			ret = SPI_execute_plan(channel_plan, &arg, NULL, true, 1);
 	HeapTuple	tup;
 	TupleDesc	desc;
 
+	/* SPI returns in its own context; the settings must outlive the transaction */
+	MemoryContextSwitchTo(target);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "channel lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
@@ -200,10 +203,13 @@ load_channel(const char *name, SmtpConfig *cfg, char **kind)
 static List *
 claim_messages(int batch_size)
 {
+	MemoryContext target = CurrentMemoryContext;
 	Datum		args[2] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease)};
 	int			ret = SPI_execute_plan(claim_plan, args, NULL, false, 0);
 	List	   *claimed = NIL;
 
+	/* SPI returns in its own context; the claims must outlive the transaction */
+	MemoryContextSwitchTo(target);
 	if (ret != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "could not claim messages: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)

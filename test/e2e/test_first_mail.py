@@ -247,3 +247,14 @@ def test_disabled_rule_is_skipped(db, smtp, uniq):
     smtp.wait_for(on)
     time.sleep(0.3)
     assert smtp.to(off) == []
+
+
+def test_one_connection_serves_a_batch(db, smtp, uniq):
+    """Connection reuse: a batch of messages travels over one SMTP session."""
+    table, _ = setup_orders(db, uniq, template_html=False)
+    to = f"{uniq}@example.com"
+    db.execute(f"INSERT INTO {table} (customer, contact_email, total) "
+               f"SELECT 'C' || g, %s, g FROM generate_series(1, 20) g", (to,))
+    mails = smtp.wait_for(to, count=20)
+    ports = {m.peer for m in mails}
+    assert len(ports) == 1, f"expected one SMTP connection, saw {[m.peer for m in mails]}"

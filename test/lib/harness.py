@@ -79,7 +79,16 @@ class Cluster:
     def pg_ctl(self, *args, check=True):
         return subprocess.run(_as_pg_user([os.path.join(PG_BIN, "pg_ctl"), "-D", self.data,
                                            "-l", self.logfile, "-w", "-t", "60"] + list(args)),
-                              check=check, capture_output=True, text=True)
+                              check=check, capture_output=True, text=True, env=self._server_env())
+
+    @staticmethod
+    def _server_env():
+        """The server's environment; NOTIFY_SERVER_PRELOAD runs it under a
+        sanitizer runtime (e.g. libasan) for debugging the extension."""
+        env = dict(os.environ)
+        if env.get("NOTIFY_SERVER_PRELOAD"):
+            env["LD_PRELOAD"] = env["NOTIFY_SERVER_PRELOAD"]
+        return env
 
     def start(self):
         self.pg_ctl("start")
@@ -111,6 +120,7 @@ class ReceivedMail:
         self.mail_from = mail_from
         self.rcpt_tos = list(rcpt_tos)
         self.data = data                    # the exact bytes after DATA
+        self.peer = peer                    # (host, port) of the client connection
         self.received_at = time.monotonic()
         self.wall_time = time.time()
         self.message = email.message_from_bytes(data, policy=email.policy.default)
