@@ -4,6 +4,10 @@
 -- that needs a second database and is tested end-to-end.)
 --
 
+-- errors show their message, DETAIL and HINT; not the PL/pgSQL CONTEXT,
+-- whose line numbers change with every edit of a function
+\set SHOW_CONTEXT never
+
 -- the extension, its schema and its version
 SELECT e.extname, e.extversion, n.nspname AS schema, e.extrelocatable
   FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
@@ -77,8 +81,14 @@ SELECT p.oid::regprocedure AS function, c AS setting
  WHERE p.pronamespace = 'notify'::regnamespace AND c LIKE 'search\_path=%'
    AND c NOT LIKE 'search\_path=pg\_catalog%';
 
--- the configuration tables are dumped with pg_dump
-SELECT c.oid::regclass AS dumped
-  FROM pg_extension e, unnest(e.extconfig) c(oid)
- WHERE e.extname = 'notify_ext'
- ORDER BY c.oid::regclass::text;
+-- the configuration tables are dumped with pg_dump, and so are the sequences
+-- of their identity columns (else a restored database reuses taken ids)
+SELECT x.oid::regclass AS dumped, c.relkind
+  FROM pg_extension e, unnest(e.extconfig) x(oid), pg_class c
+ WHERE e.extname = 'notify_ext' AND c.oid = x.oid
+ ORDER BY x.oid::regclass::text;
+SELECT t.relname AS config_table_with_undumped_sequence
+  FROM pg_extension e, unnest(e.extconfig) x(oid), pg_class t, pg_depend d, pg_class s
+ WHERE e.extname = 'notify_ext' AND t.oid = x.oid
+   AND d.refobjid = t.oid AND d.classid = 'pg_class'::regclass AND d.objid = s.oid
+   AND s.relkind = 'S' AND NOT s.oid = ANY (e.extconfig);

@@ -253,7 +253,8 @@ render_part(const char *name, const char *locale, TemplatePart part,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("could not render template \"%s\", %s: %s%s",
 						name, part_names[part], err.message,
-						err.line > 0 ? psprintf(" (line %d, column %d)", err.line, err.column) : "")));
+						(err.line > 0 && strstr(err.message, "line ") == NULL)
+						? psprintf(" (line %d, column %d)", err.line, err.column) : "")));
 	tmpl_free(t);
 	if (out.data == NULL)
 		return pstrdup("");

@@ -30,8 +30,12 @@ DECLARE
     norm_ops text[] := '{}';
     slug     text;
 BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'notify.watch: the table must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF event_type IS NULL OR event_type !~ '^[A-Za-z0-9_.:-]+$' THEN
-        RAISE EXCEPTION 'invalid event type %', pg_catalog.quote_literal(coalesce(event_type, 'NULL'))
+        RAISE EXCEPTION 'invalid event type %', coalesce(pg_catalog.quote_literal(event_type), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use letters, digits and _ . : - only, e.g. ''order.created''.';
     END IF;

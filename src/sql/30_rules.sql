@@ -14,34 +14,42 @@ CREATE FUNCTION notify._check_spec(spec text) RETURNS void
 DECLARE
     kind text := pg_catalog.split_part(spec, ':', 1);
     arg  text := pg_catalog.substr(spec, pg_catalog.length(pg_catalog.split_part(spec, ':', 1)) + 2);
+    -- the spec as error messages show it: line breaks escaped, never raw
+    shown text := coalesce('''' || pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                      spec, '''', ''''''), E'\r', '\r'), E'\n', '\n') || '''', 'NULL');
 BEGIN
+    IF spec IN ('actor', 'supervisors') OR kind IN ('group', 'key') THEN
+        RAISE EXCEPTION 'recipient spec % is not supported in this version', shown
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
+    END IF;
     IF spec IS NULL OR pg_catalog.strpos(spec, ':') = 0 THEN
-        RAISE EXCEPTION 'invalid recipient spec %', coalesce(pg_catalog.quote_literal(spec), 'NULL')
+        RAISE EXCEPTION 'invalid recipient spec %', shown
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
     END IF;
     CASE kind
     WHEN 'email' THEN
-        PERFORM notify._check_address(arg, 'recipient spec ' || pg_catalog.quote_literal(spec));
+        PERFORM notify._check_address(arg, 'recipient spec ' || shown);
     WHEN 'field' THEN
         IF arg !~ '^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$' THEN
-            RAISE EXCEPTION 'invalid path in recipient spec %', pg_catalog.quote_literal(spec)
+            RAISE EXCEPTION 'invalid path in recipient spec %', shown
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'A path is dotted, e.g. field:row.contact_email.';
         END IF;
     WHEN 'recipient' THEN
         IF arg !~ '^[^:\s]+:\S+$' THEN
-            RAISE EXCEPTION 'invalid recipient key in spec %', pg_catalog.quote_literal(spec)
+            RAISE EXCEPTION 'invalid recipient key in spec %', shown
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'A recipient key is prefix:id, e.g. recipient:user:42.';
         END IF;
         IF NOT EXISTS (SELECT 1 FROM notify.recipient r WHERE r.key = arg) THEN
-            RAISE EXCEPTION 'unknown recipient % in spec %', pg_catalog.quote_literal(arg), pg_catalog.quote_literal(spec)
+            RAISE EXCEPTION 'unknown recipient % in spec %', pg_catalog.quote_literal(arg), shown
                 USING ERRCODE = 'undefined_object',
                       HINT = 'Create it first with notify.set_recipient.';
         END IF;
     ELSE
-        RAISE EXCEPTION 'unknown recipient spec kind % in %', pg_catalog.quote_literal(kind), pg_catalog.quote_literal(spec)
+        RAISE EXCEPTION 'unknown recipient spec kind % in %', pg_catalog.quote_literal(kind), shown
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
     END CASE;

@@ -16,7 +16,9 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF url IS NULL OR url !~* '^smtps?://[^/?#\s]+(/[^\s]*)?$' THEN
-        RAISE EXCEPTION 'invalid SMTP URL % for channel %', coalesce(pg_catalog.quote_literal(url), 'NULL'),
+        RAISE EXCEPTION 'invalid SMTP URL % for channel %',
+              coalesce('''' || pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                           url, '''', ''''''), E'\r', '\r'), E'\n', '\n') || '''', 'NULL'),
               pg_catalog.quote_literal(name)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Only smtp://host:port and smtps://host:port are accepted.';

@@ -30,3 +30,7 @@ SELECT pg_catalog.pg_extension_config_dump('notify.rule', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.channel', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.channel_secret', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.watch', '');
+-- ... with their identity sequences, or a restored database would hand out ids already taken
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.rule', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.watch', 'id')::pg_catalog.regclass, '');
