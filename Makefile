@@ -22,7 +22,7 @@ OBJS = \
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
-REGRESS = setup capture templates rules channels
+REGRESS = setup capture templates rules channels directory
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)
 
 # -Wno-unused-parameter: PostgreSQL's own headers (bufpage.h inlines) and fmgr callbacks trip it

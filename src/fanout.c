@@ -24,6 +24,10 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/syscache.h"
+#include "funcapi.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
 
 #include "mime.h"
 #include "notify_ext.h"
@@ -45,6 +49,8 @@ typedef struct RuleInfo
 	char	   *template;
 	char	   *channel;
 	char	   *default_mode;
+	char	   *context_query;	/* NULL: no `extra` */
+	Oid			owner;			/* the role its queries run as */
 	Datum	   *specs;
 	int			nspecs;
 } RuleInfo;
@@ -59,9 +65,31 @@ typedef struct Recipient
 	char	   *locale;
 } Recipient;
 
+/*
+ * What one rule decides for one recipient of one event: the same answer
+ * serves fan-out (which writes it as a message) and notify.explain (which
+ * shows it).
+ */
+typedef struct Delivery
+{
+	const RuleInfo *rule;
+	const char *spec;
+	Recipient  *recipient;		/* NULL: the spec resolved to nobody */
+	const char *mode;			/* immediate, digest, off */
+	const char *status;			/* queued, suppressed, failed, or NULL: skipped */
+	const char *reason;
+	const TmplValue *ctx;		/* the rule's context (with `extra`) */
+} Delivery;
+
+PG_FUNCTION_INFO_V1(notify_explain);
+
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr rules_plan = NULL;
 static SPIPlanPtr recipient_plan = NULL;
+static SPIPlanPtr directory_plan = NULL;
+static SPIPlanPtr group_plan = NULL;
+static SPIPlanPtr supervisors_plan = NULL;
+static SPIPlanPtr preference_plan = NULL;
 static SPIPlanPtr insert_message_plan = NULL;
 static SPIPlanPtr mark_done_plan = NULL;
 static SPIPlanPtr mark_failed_plan = NULL;
@@ -99,9 +127,30 @@ prepare_plans(void)
 						   "ORDER BY e.id LIMIT $1 FOR UPDATE SKIP LOCKED",
 						   1, int8_t);
 	rules_plan = keep_plan(
-						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients "
+						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
+						   "       r.context_query, r.owner::oid "
 						   "FROM notify.rule r WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
 						   1, text_t);
+	directory_plan = keep_plan(
+							   "SELECT d.query, d.owner::oid FROM notify.directory d WHERE d.prefix = $1",
+							   1, text_t);
+	group_plan = keep_plan(
+						   "SELECT m.recipient_key FROM notify.group_member m "
+						   "JOIN notify.recipient_group g ON g.id = m.group_id "
+						   "WHERE g.name = $1 ORDER BY m.added_at, m.recipient_key",
+						   1, text_t);
+	supervisors_plan = keep_plan(
+								 "SELECT s.supervisor_key FROM notify.supervisor s "
+								 "WHERE s.subordinate_key = $1 ORDER BY s.supervisor_key",
+								 1, text_t);
+	{
+		Oid			pref_t[3] = {TEXTOID, TEXTOID, TEXTOID};
+
+		preference_plan = keep_plan(
+									"SELECT p.mode FROM notify.preference p "
+									"WHERE p.recipient_key = $1 AND p.event_type = $2 AND p.channel = $3",
+									3, pref_t);
+	}
 	recipient_plan = keep_plan(
 							   "SELECT r.email, r.display_name, r.phone, r.locale "
 							   "FROM notify.recipient r WHERE r.key = $1",
@@ -146,51 +195,75 @@ string_value(const char *s)
 	return v;
 }
 
+/* ascii_lower: addresses compare case-insensitively for de-duplication (they are ASCII). */
+static char *
+ascii_lower(const char *s)
+{
+	char	   *copy = pstrdup(s);
+
+	for (char *p = copy; *p; p++)
+		*p = pg_ascii_tolower((unsigned char) *p);
+	return copy;
+}
+
+/* object_value: an empty object with room for n members. */
+static TmplValue *
+object_value(size_t n)
+{
+	TmplValue  *v = palloc0(sizeof(TmplValue));
+
+	v->kind = TV_OBJECT;
+	v->keys = palloc(sizeof(char *) * Max(n, 1));
+	v->keylens = palloc(sizeof(size_t) * Max(n, 1));
+	v->items = palloc(sizeof(TmplValue *) * Max(n, 1));
+	return v;
+}
+
+/* object_add: append a member (names are static or outlive the object). */
+static void
+object_add(TmplValue *obj, const char *name, TmplValue *value)
+{
+	obj->keys[obj->count] = (char *) name;
+	obj->keylens[obj->count] = strlen(name);
+	obj->items[obj->count] = value;
+	obj->count++;
+}
+
 /*
- * context_with_recipient: the event's context plus `recipient`, sharing
- * the event's members: building it costs one small object per message,
- * not a copy of the row.
+ * context_with_member: the event's context plus one member, sharing the
+ * event's members: building it costs one small object per message, not a
+ * copy of the row.  The last member wins on lookup, so it shadows any
+ * member of that name in the base.
  */
 static TmplValue *
-context_with_recipient(const TmplValue *base, const Recipient *r)
+context_with_member(const TmplValue *base, const char *name, TmplValue *value)
 {
-	static const char *const rkeys[] = {"key", "email", "display_name", "phone", "locale"};
-	TmplValue  *rv = palloc0(sizeof(TmplValue));
-	TmplValue  *ctx = palloc0(sizeof(TmplValue));
-	size_t		n = base ? base->count : 0;
+	size_t		n = (base && base->kind == TV_OBJECT) ? base->count : 0;
+	TmplValue  *ctx = object_value(n + 1);
 
-	rv->kind = TV_OBJECT;
-	rv->count = 5;
-	rv->keys = palloc(sizeof(char *) * 5);
-	rv->keylens = palloc(sizeof(size_t) * 5);
-	rv->items = palloc(sizeof(TmplValue *) * 5);
-	for (int i = 0; i < 5; i++)
-	{
-		rv->keys[i] = (char *) rkeys[i];
-		rv->keylens[i] = strlen(rkeys[i]);
-	}
-	rv->items[0] = string_value(r->key);
-	rv->items[1] = string_value(r->email);
-	rv->items[2] = string_value(r->display_name);
-	rv->items[3] = string_value(r->phone);
-	rv->items[4] = string_value(r->locale);
-
-	ctx->kind = TV_OBJECT;
-	ctx->count = n + 1;
-	ctx->keys = palloc(sizeof(char *) * (n + 1));
-	ctx->keylens = palloc(sizeof(size_t) * (n + 1));
-	ctx->items = palloc(sizeof(TmplValue *) * (n + 1));
 	for (size_t i = 0; i < n; i++)
 	{
 		ctx->keys[i] = base->keys[i];
 		ctx->keylens[i] = base->keylens[i];
 		ctx->items[i] = base->items[i];
 	}
-	/* last member wins on lookup, so this shadows any `recipient` in the base */
-	ctx->keys[n] = "recipient";
-	ctx->keylens[n] = strlen("recipient");
-	ctx->items[n] = rv;
+	ctx->count = n;
+	object_add(ctx, name, value);
 	return ctx;
+}
+
+/* recipient_value: `recipient` as templates see it. */
+static TmplValue *
+recipient_value(const Recipient *r)
+{
+	TmplValue  *rv = object_value(5);
+
+	object_add(rv, "key", string_value(r->key));
+	object_add(rv, "email", string_value(r->email));
+	object_add(rv, "display_name", string_value(r->display_name));
+	object_add(rv, "phone", string_value(r->phone));
+	object_add(rv, "locale", string_value(r->locale));
+	return rv;
 }
 
 /* value_at_path: the value at a dotted path (row.contact_email), or NULL. */
@@ -211,10 +284,183 @@ value_at_path(const TmplValue *ctx, const char *path)
 	return v;
 }
 
+/* scalar_text: a string, number or boolean as text; NULL for null, missing, arrays, objects. */
+static char *
+scalar_text(const TmplValue *v)
+{
+	if (v == NULL)
+		return NULL;
+	switch (v->kind)
+	{
+		case TV_STRING:
+			return v->len > 0 ? pnstrdup(v->str, v->len) : NULL;
+		case TV_NUMBER:
+			return pstrdup(v->str);
+		case TV_BOOL:
+			return pstrdup(v->boolean ? "true" : "false");
+		default:
+			return NULL;
+	}
+}
+
+/*
+ * execute_as_owner: run a query a user registered, with that user's
+ * rights (and row-level security), never the worker's.  The restricted
+ * flag stops the query from changing role or settings for the worker.
+ */
+static int
+execute_as_owner(Oid owner, const char *what, const char *sql, int nargs, Oid *types, Datum *values)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			ret;
+	MemoryContext target = CurrentMemoryContext;
+
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("the role that owns %s no longer exists", what),
+				 errhint("Re-create it as an existing role so that its query has someone's rights to run with.")));
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	ret = SPI_execute_with_args(sql, nargs, types, values, NULL, true, 0);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	MemoryContextSwitchTo(target);
+	return ret;
+}
+
+/*
+ * lookup_key: a recipient by key: one stored with set_recipient, else one
+ * found live through the directory of its prefix.  NULL when nobody.
+ */
+static Recipient *
+lookup_key(const char *key)
+{
+	MemoryContext target = CurrentMemoryContext;
+	Datum		arg = CStringGetTextDatum(key);
+	const char *colon = strchr(key, ':');
+	Recipient  *r;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	int			ret;
+
+	ret = SPI_execute_plan(recipient_plan, &arg, NULL, true, 1);
+	MemoryContextSwitchTo(target);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "recipient lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0 && colon != NULL)
+	{
+		/* not stored: ask the ERP's own tables through the prefix's directory */
+		char	   *query;
+		Oid			owner;
+		bool		isnull;
+		Oid			argtype = TEXTOID;
+		Datum		id;
+		char	   *prefix = pnstrdup(key, colon - key);
+
+		arg = CStringGetTextDatum(prefix);
+		ret = SPI_execute_plan(directory_plan, &arg, NULL, true, 1);
+		MemoryContextSwitchTo(target);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "directory lookup failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed == 0)
+			return NULL;
+		query = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		id = CStringGetTextDatum(colon + 1);
+		ret = execute_as_owner(owner, psprintf("directory \"%s\"", prefix),
+							   psprintf("SELECT q.email::text, q.display_name::text, q.phone::text, q.locale::text "
+										"FROM (%s\n) q LIMIT 1", query),
+							   1, &argtype, &id);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "directory query for prefix \"%s\" failed: %s", prefix, SPI_result_code_string(ret));
+	}
+	if (SPI_processed == 0)
+		return NULL;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	r = palloc0(sizeof(Recipient));
+	r->key = pstrdup(key);
+	r->email = text_or_null(tup, desc, 1);
+	r->display_name = text_or_null(tup, desc, 2);
+	r->phone = text_or_null(tup, desc, 3);
+	r->locale = text_or_null(tup, desc, 4);
+	return r;
+}
+
+/* keys_of: the first column of a saved plan's result, for one text argument. */
+static List *
+keys_of(SPIPlanPtr plan, const char *arg)
+{
+	MemoryContext target = CurrentMemoryContext;
+	Datum		a = CStringGetTextDatum(arg);
+	int			ret = SPI_execute_plan(plan, &a, NULL, true, 0);
+	List	   *keys = NIL;
+
+	MemoryContextSwitchTo(target);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "recipient lookup failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		keys = lappend(keys, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+	return keys;
+}
+
+/*
+ * expand_key_pattern: 'customer:{row.customer_id}' -> 'customer:17'; NULL
+ * when a path is null or missing (the customer has no agent: nobody).
+ */
+static char *
+expand_key_pattern(const char *pattern, const TmplValue *ctx)
+{
+	StringInfoData buf;
+	const char *p = pattern;
+
+	initStringInfo(&buf);
+	while (*p)
+	{
+		const char *close;
+		char	   *value;
+
+		if (*p != '{')
+		{
+			appendStringInfoChar(&buf, *p++);
+			continue;
+		}
+		close = strchr(p, '}');
+		if (close == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unbalanced braces in recipient spec \"key:%s\"", pattern)));
+		value = scalar_text(value_at_path(ctx, pnstrdup(p + 1, close - p - 1)));
+		if (value == NULL)
+			return NULL;
+		appendStringInfoString(&buf, value);
+		p = close + 1;
+	}
+	return buf.data;
+}
+
+/* recipients_of_keys: the recipients behind a list of keys, skipping unknown ones. */
+static List *
+recipients_of_keys(List *keys)
+{
+	List	   *out = NIL;
+	ListCell   *lc;
+
+	foreach(lc, keys)
+	{
+		Recipient  *r = lookup_key((const char *) lfirst(lc));
+
+		if (r != NULL)
+			out = lappend(out, r);
+	}
+	return out;
+}
+
 /*
  * resolve_spec: the recipients one spec stands for, for this event.
- * A spec that resolves to nobody (a null field, a deleted recipient)
- * yields an empty list: "the agent, if any".
+ * A spec that resolves to nobody (a null field, an event without actor,
+ * a deleted recipient) yields an empty list: "the agent, if any".
  */
 static List *
 resolve_spec(const char *spec, const TmplValue *ctx)
@@ -222,66 +468,202 @@ resolve_spec(const char *spec, const TmplValue *ctx)
 	const char *colon = strchr(spec, ':');
 	const char *arg = colon ? colon + 1 : "";
 	size_t		kindlen = colon ? (size_t) (colon - spec) : strlen(spec);
+	char	   *actor = scalar_text(value_at_path(ctx, "event.actor"));
 	Recipient  *r;
 
-	if (kindlen == 5 && strncmp(spec, "email", 5) == 0)
+#define KIND_IS(k) (kindlen == strlen(k) && strncmp(spec, k, kindlen) == 0)
+	if (colon == NULL && strcmp(spec, "actor") == 0)
+		return actor ? recipients_of_keys(list_make1(actor)) : NIL;
+	if (colon == NULL && strcmp(spec, "supervisors") == 0)
+		return actor ? recipients_of_keys(keys_of(supervisors_plan, actor)) : NIL;
+	if (KIND_IS("email"))
 	{
 		r = palloc0(sizeof(Recipient));
 		r->email = pstrdup(arg);
 		return list_make1(r);
 	}
-	if (kindlen == 5 && strncmp(spec, "field", 5) == 0)
+	if (KIND_IS("field"))
 	{
-		const TmplValue *v = value_at_path(ctx, arg);
+		char	   *address = scalar_text(value_at_path(ctx, arg));
 
-		if (v == NULL || v->kind != TV_STRING || v->len == 0)
+		if (address == NULL)
 			return NIL;
 		r = palloc0(sizeof(Recipient));
-		r->email = pnstrdup(v->str, v->len);
+		r->email = address;
 		return list_make1(r);
 	}
-	if (kindlen == 9 && strncmp(spec, "recipient", 9) == 0)
+	if (KIND_IS("recipient"))
+		return recipients_of_keys(list_make1(pstrdup(arg)));
+	if (KIND_IS("group"))
+		return recipients_of_keys(keys_of(group_plan, arg));
+	if (KIND_IS("key"))
 	{
-		MemoryContext target = CurrentMemoryContext;
-		Datum		key = CStringGetTextDatum(arg);
-		int			ret = SPI_execute_plan(recipient_plan, &key, NULL, true, 1);
-		HeapTuple	tup;
-		TupleDesc	desc;
+		char	   *key = expand_key_pattern(arg, ctx);
 
-		MemoryContextSwitchTo(target);
-
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "recipient lookup failed: %s", SPI_result_code_string(ret));
-		if (SPI_processed == 0)
-			return NIL;
-		tup = SPI_tuptable->vals[0];
-		desc = SPI_tuptable->tupdesc;
-		r = palloc0(sizeof(Recipient));
-		r->key = pstrdup(arg);
-		r->email = text_or_null(tup, desc, 1);
-		r->display_name = text_or_null(tup, desc, 2);
-		r->phone = text_or_null(tup, desc, 3);
-		r->locale = text_or_null(tup, desc, 4);
-		SPI_freetuptable(SPI_tuptable);
-		if (r->email == NULL)
-			return NIL;
-		return list_make1(r);
+		return key ? recipients_of_keys(list_make1(key)) : NIL;
 	}
+#undef KIND_IS
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 			 errmsg("unknown recipient spec \"%s\"", spec)));
 	return NIL;
 }
 
-/* ascii_lower: addresses compare case-insensitively for de-duplication (they are ASCII). */
+/* preference_mode: the recipient's stored mode for this event type and channel, or NULL. */
 static char *
-ascii_lower(const char *s)
+preference_mode(const char *key, const char *event_type, const char *channel)
 {
-	char	   *copy = pstrdup(s);
+	MemoryContext target = CurrentMemoryContext;
+	Datum		args[3];
+	int			ret;
 
-	for (char *p = copy; *p; p++)
-		*p = pg_ascii_tolower((unsigned char) *p);
-	return copy;
+	args[0] = CStringGetTextDatum(key);
+	args[1] = CStringGetTextDatum(event_type);
+	args[2] = CStringGetTextDatum(channel);
+	ret = SPI_execute_plan(preference_plan, args, NULL, true, 1);
+	MemoryContextSwitchTo(target);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "preference lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return NULL;
+	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+}
+
+/*
+ * rule_extra: what the rule's context_query returns for this event (one
+ * jsonb, `extra` in templates), run as the rule's owner.
+ */
+static TmplValue *
+rule_extra(const RuleInfo *rule, Jsonb *context)
+{
+	Oid			argtype = JSONBOID;
+	Datum		arg = JsonbPGetDatum(context);
+	int			ret;
+	bool		isnull;
+	Datum		d;
+
+	ret = execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
+						   rule->context_query, 1, &argtype, &arg);
+	if (ret < 0 || SPI_tuptable == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("context_query of rule \"%s\" did not return rows", rule->name)));
+	if (SPI_processed == 0)
+		return NULL;
+	if (SPI_tuptable->tupdesc->natts != 1 ||
+		SPI_gettypeid(SPI_tuptable->tupdesc, 1) != JSONBOID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("context_query of rule \"%s\" must return one jsonb column", rule->name)));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		return NULL;
+	return jsonb_to_tmpl_value(DatumGetJsonbP(d));
+}
+
+/*
+ * plan_deliveries: for one event, every rule's decision for every
+ * recipient, in order: who gets it, who is suppressed (and why), who is
+ * skipped as a duplicate, which specs resolved to nobody.
+ */
+static List *
+plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Jsonb *context)
+{
+	List	   *out = NIL;
+	ListCell   *lc;
+
+	foreach(lc, rules)
+	{
+		RuleInfo   *rule = (RuleInfo *) lfirst(lc);
+		const TmplValue *ctx = base;
+		List	   *seen = NIL;
+
+		if (rule->context_query != NULL)
+		{
+			TmplValue  *extra = rule_extra(rule, context);
+
+			if (extra != NULL)
+				ctx = context_with_member(base, "extra", extra);
+		}
+
+		for (int s = 0; s < rule->nspecs; s++)
+		{
+			char	   *spec = TextDatumGetCString(rule->specs[s]);
+			List	   *recipients = resolve_spec(spec, ctx);
+			ListCell   *rc;
+
+			if (recipients == NIL)
+			{
+				Delivery   *d = palloc0(sizeof(Delivery));
+
+				d->rule = rule;
+				d->spec = spec;
+				d->ctx = ctx;
+				d->reason = "resolves to nobody for this event";
+				out = lappend(out, d);
+				continue;
+			}
+			foreach(rc, recipients)
+			{
+				Recipient  *r = (Recipient *) lfirst(rc);
+				Delivery   *d = palloc0(sizeof(Delivery));
+				char		errbuf[256];
+				char	   *pref = NULL;
+				char	   *lowered;
+				ListCell   *sc;
+
+				d->rule = rule;
+				d->spec = spec;
+				d->ctx = ctx;
+				d->recipient = r;
+				out = lappend(out, d);
+				if (r->email == NULL || r->email[0] == '\0')
+				{
+					d->reason = "recipient has no email address";
+					continue;
+				}
+				lowered = ascii_lower(r->email);
+				foreach(sc, seen)
+				{
+					if (strcmp((char *) lfirst(sc), lowered) == 0)
+					{
+						d->reason = "duplicate: this address already gets this rule's message";
+						break;
+					}
+				}
+				if (d->reason != NULL)
+					continue;
+				seen = lappend(seen, lowered);
+
+				if (r->key != NULL)
+					pref = preference_mode(r->key, event_type, rule->channel);
+				d->mode = pref ? pref : rule->default_mode;
+				if (!mime_check_address(r->email, errbuf, sizeof(errbuf)))
+				{
+					d->status = "failed";
+					d->reason = psprintf("recipient spec \"%s\": %s", spec, errbuf);
+				}
+				else if (strcmp(d->mode, "off") == 0)
+				{
+					d->status = "suppressed";
+					d->reason = pref ? psprintf("recipient's preference for %s is off", event_type)
+						: "rule's default_mode is off";
+				}
+				else if (strcmp(d->mode, "digest") == 0)
+				{
+					/* digests come with the scheduler; until then nothing is held back */
+					d->status = "queued";
+					d->reason = "digest delivery is not available yet: sent immediately";
+				}
+				else
+				{
+					d->status = "queued";
+					d->reason = pref ? "recipient's preference" : "rule's default mode";
+				}
+			}
+		}
+	}
+	return out;
 }
 
 /* insert_message: one notify.message row; status queued, suppressed or failed. */
@@ -345,6 +727,8 @@ load_rules(const char *event_type)
 		rule->template = SPI_getvalue(tup, desc, 3);
 		rule->channel = SPI_getvalue(tup, desc, 4);
 		rule->default_mode = SPI_getvalue(tup, desc, 5);
+		rule->context_query = SPI_getvalue(tup, desc, 7);
+		rule->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 8, &isnull));
 		specs = DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 6, &isnull));
 		deconstruct_array(specs, TEXTOID, -1, false, TYPALIGN_INT, &rule->specs, NULL, &rule->nspecs);
 		rules = lappend(rules, rule);
@@ -361,6 +745,7 @@ static int
 fanout_event(const PendingEvent *ev)
 {
 	List	   *rules = load_rules(ev->event_type);
+	List	   *deliveries;
 	TmplValue  *base;
 	ListCell   *lc;
 	int			count = 0;
@@ -368,58 +753,23 @@ fanout_event(const PendingEvent *ev)
 	if (rules == NIL)
 		return 0;
 	base = jsonb_to_tmpl_value(ev->context);
+	deliveries = plan_deliveries(ev->event_type, rules, base, ev->context);
 
-	foreach(lc, rules)
+	foreach(lc, deliveries)
 	{
-		RuleInfo   *rule = (RuleInfo *) lfirst(lc);
-		List	   *seen = NIL;
+		Delivery   *d = (Delivery *) lfirst(lc);
+		RenderedMessage *msg = NULL;
 
-		for (int s = 0; s < rule->nspecs; s++)
+		if (d->status == NULL)
+			continue;			/* nobody, or a duplicate: no message */
+		if (strcmp(d->status, "queued") == 0)
 		{
-			char	   *spec = TextDatumGetCString(rule->specs[s]);
-			List	   *recipients = resolve_spec(spec, base);
-			ListCell   *rc;
-
-			foreach(rc, recipients)
-			{
-				Recipient  *r = (Recipient *) lfirst(rc);
-				char		errbuf[256];
-				char	   *lowered = ascii_lower(r->email);
-				ListCell   *sc;
-				bool		dup = false;
-				RenderedMessage *msg;
-
-				foreach(sc, seen)
-				{
-					if (strcmp((char *) lfirst(sc), lowered) == 0)
-					{
-						dup = true;
-						break;
-					}
-				}
-				if (dup)
-					continue;
-				seen = lappend(seen, lowered);
-
-				if (!mime_check_address(r->email, errbuf, sizeof(errbuf)))
-				{
-					insert_message(ev, rule, r, "failed", NULL,
-								   psprintf("recipient spec \"%s\": %s", spec, errbuf));
-					count++;
-					continue;
-				}
-				if (strcmp(rule->default_mode, "off") == 0)
-				{
-					insert_message(ev, rule, r, "suppressed", NULL,
-								   "rule's default_mode is off");
-					count++;
-					continue;
-				}
-				msg = render_template_value(rule->template, r->locale, context_with_recipient(base, r));
-				insert_message(ev, rule, r, "queued", msg, NULL);
-				count++;
-			}
+			msg = render_template_value(d->rule->template, d->recipient->locale,
+										context_with_member(d->ctx, "recipient", recipient_value(d->recipient)));
 		}
+		insert_message(ev, d->rule, d->recipient, d->status, msg,
+					   strcmp(d->status, "queued") == 0 ? NULL : d->reason);
+		count++;
 	}
 	return count;
 }
@@ -551,4 +901,91 @@ fanout_pending_events(int batch_size)
 	}
 	MemoryContextDelete(event_cxt);
 	return list_length(events);
+}
+
+/*
+ * notify_explain: notify.explain(event_type, payload, actor): who would
+ * hear about such an event and why, or why not, without sending anything.
+ * It runs the same resolution as the worker (plan_deliveries), so its
+ * answer cannot drift from what fan-out does.
+ */
+Datum
+notify_explain(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *event_type;
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	Oid			types[3] = {TEXTOID, JSONBOID, TEXTOID};
+	Jsonb	   *context;
+	List	   *rules;
+	List	   *deliveries;
+	ListCell   *lc;
+	bool		isnull;
+	int			ret;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("notify.explain: event_type must not be null")));
+	event_type = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	InitMaterializedSRF(fcinfo, 0);
+
+	SPI_connect();
+	prepare_plans();
+	args[0] = CStringGetTextDatum(event_type);
+	if (PG_ARGISNULL(1))
+		nulls[1] = 'n';
+	else
+		args[1] = PG_GETARG_DATUM(1);
+	if (PG_ARGISNULL(2))
+		nulls[2] = 'n';
+	else
+		args[2] = PG_GETARG_DATUM(2);
+	ret = SPI_execute_with_args("SELECT pg_catalog.jsonb_build_object("
+								"'row', coalesce($2, '{}'::jsonb), 'old', NULL, 'changes', NULL, "
+								"'event', pg_catalog.jsonb_build_object('id', NULL, 'type', $1, 'op', 'EMIT', "
+								"'table', NULL, 'occurred_at', pg_catalog.now(), "
+								"'actor', coalesce($3, pg_catalog.current_setting('notify.actor', true))))",
+								3, types, args, nulls, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not build the event context: %s", SPI_result_code_string(ret));
+	context = DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+	rules = load_rules(event_type);
+	deliveries = plan_deliveries(event_type, rules, jsonb_to_tmpl_value(context), context);
+	foreach(lc, deliveries)
+	{
+		Delivery   *d = (Delivery *) lfirst(lc);
+		Datum		values[6];
+		bool		vnulls[6] = {false, false, false, false, false, false};
+		const char *reason = d->reason;
+
+		if (d->status != NULL && strcmp(d->status, "queued") == 0)
+			reason = psprintf("will be sent (%s)", d->reason);
+		else if (d->status != NULL && strcmp(d->status, "failed") == 0)
+			reason = psprintf("will fail: %s", d->reason);
+		else if (d->status != NULL && strcmp(d->status, "suppressed") == 0)
+			reason = psprintf("suppressed: %s", d->reason);
+		values[0] = CStringGetTextDatum(d->rule->name);
+		values[1] = CStringGetTextDatum(d->spec);
+		if (d->recipient && d->recipient->key)
+			values[2] = CStringGetTextDatum(d->recipient->key);
+		else
+			vnulls[2] = true;
+		if (d->recipient && d->recipient->email)
+			values[3] = CStringGetTextDatum(d->recipient->email);
+		else
+			vnulls[3] = true;
+		if (d->mode)
+			values[4] = CStringGetTextDatum(d->mode);
+		else
+			vnulls[4] = true;
+		values[5] = CStringGetTextDatum(reason);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, vnulls);
+	}
+	SPI_finish();
+	MemoryContextSwitchTo(caller);
+	return (Datum) 0;
 }

@@ -17,16 +17,16 @@ DECLARE
     -- the spec as error messages show it: line breaks escaped, never raw
     shown text := coalesce('''' || pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
                       spec, '''', ''''''), E'\r', '\r'), E'\n', '\n') || '''', 'NULL');
+    kinds constant text := 'Use group:NAME, recipient:KEY, key:PATTERN, email:ADDRESS, field:PATH, actor or supervisors.';
+    pfx    text;
+    path   text;
 BEGIN
-    IF spec IN ('actor', 'supervisors') OR kind IN ('group', 'key') THEN
-        RAISE EXCEPTION 'recipient spec % is not supported in this version', shown
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
+    IF spec IN ('actor', 'supervisors') THEN
+        RETURN;     -- the event's actor; the actor's direct supervisors
     END IF;
     IF spec IS NULL OR pg_catalog.strpos(spec, ':') = 0 THEN
         RAISE EXCEPTION 'invalid recipient spec %', shown
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = kinds;
     END IF;
     CASE kind
     WHEN 'email' THEN
@@ -43,15 +43,53 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'A recipient key is prefix:id, e.g. recipient:user:42.';
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM notify.recipient r WHERE r.key = arg) THEN
+        IF NOT notify._key_known(arg) THEN
             RAISE EXCEPTION 'unknown recipient % in spec %', pg_catalog.quote_literal(arg), shown
                 USING ERRCODE = 'undefined_object',
-                      HINT = 'Create it first with notify.set_recipient.';
+                      HINT = 'Create it first with notify.set_recipient, or register a directory for its prefix with notify.add_directory.';
         END IF;
+    WHEN 'group' THEN
+        IF arg = '' THEN
+            RAISE EXCEPTION 'missing group name in spec %', shown
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Write group:NAME, e.g. group:sales.';
+        END IF;
+        -- locked, so that a concurrent drop_group waits for this rule and then refuses
+        PERFORM FROM notify.recipient_group g WHERE g.name = arg FOR KEY SHARE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'unknown group % in spec %', notify._quoted(arg), shown
+                USING ERRCODE = 'undefined_object', HINT = 'Create it first with notify.create_group.';
+        END IF;
+    WHEN 'key' THEN
+        IF arg !~ '^[^:\s{}]+:\S+$' THEN
+            RAISE EXCEPTION 'invalid key pattern in spec %', shown
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A key pattern is a prefix, a colon and the id with {path} placeholders, e.g. key:customer:{row.customer_id}.';
+        END IF;
+        IF pg_catalog.regexp_replace(arg, '\{[^{}]*\}', '', 'g') ~ '[{}]' THEN
+            RAISE EXCEPTION 'unbalanced braces in key pattern of spec %', shown
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A placeholder is a dotted path in single braces, e.g. key:customer:{row.customer_id}.';
+        END IF;
+        FOR path IN SELECT m[1] FROM pg_catalog.regexp_matches(arg, '\{([^{}]*)\}', 'g') AS m LOOP
+            IF path !~ '^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$' THEN
+                RAISE EXCEPTION 'invalid path % in key pattern of spec %', notify._quoted(path), shown
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'A placeholder is a dotted path in single braces, e.g. key:customer:{row.customer_id}.';
+            END IF;
+        END LOOP;
+        pfx := pg_catalog.split_part(arg, ':', 1);
+        IF NOT EXISTS (SELECT 1 FROM notify.directory d WHERE d.prefix = pfx)
+           AND NOT EXISTS (SELECT 1 FROM notify.recipient r WHERE pg_catalog.starts_with(r.key, pfx || ':')) THEN
+            RAISE EXCEPTION 'no recipient or directory has prefix % (spec %)', notify._quoted(pfx), shown
+                USING ERRCODE = 'undefined_object',
+                      HINT = 'Register a directory for it with notify.add_directory, or add recipients with notify.set_recipient.';
+        END IF;
+    WHEN 'actor', 'supervisors' THEN
+        RAISE EXCEPTION 'recipient spec % takes no argument', shown
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Write just actor or supervisors.';
     ELSE
         RAISE EXCEPTION 'unknown recipient spec kind % in %', pg_catalog.quote_literal(kind), shown
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use email:ADDRESS, field:PATH or recipient:KEY.';
+            USING ERRCODE = 'invalid_parameter_value', HINT = kinds;
     END CASE;
 END
 $$;
@@ -104,9 +142,28 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use ''immediate'' or ''off'' (digests are not available in this version).';
     END IF;
-    IF context_query IS NOT NULL OR attachments_query IS NOT NULL OR attach_rows_csv IS NOT NULL THEN
-        RAISE EXCEPTION 'context_query, attachments_query and attach_rows_csv are not available in this version'
+    IF attachments_query IS NOT NULL OR attach_rows_csv IS NOT NULL THEN
+        RAISE EXCEPTION 'attachments_query and attach_rows_csv are not available in this version'
             USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF context_query IS NOT NULL AND pg_catalog.btrim(context_query) = '' THEN
+        RAISE EXCEPTION 'context_query of rule % is empty', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass NULL for no context query, or a query returning one jsonb from $1, the event''s context.';
+    END IF;
+    IF context_query IS NOT NULL THEN
+        -- checked now, with the rights it will run with (the caller's): a typo or a
+        -- missing privilege is an error for whoever writes the rule
+        BEGIN
+            -- the search_path the worker runs it with (this function's own is pinned)
+            PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
+            EXECUTE 'SELECT * FROM (' || context_query || ') AS q LIMIT 0' USING NULL::jsonb;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'context_query of rule % is invalid: %', pg_catalog.quote_literal(name), SQLERRM
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'It must be a query returning one jsonb, with $1 the event''s context (jsonb).';
+        END;
     END IF;
     INSERT INTO notify.rule (name, event_type, template, recipients, channel, context_query,
                              attachments_query, attach_rows_csv, default_mode, digest_schedule)

@@ -18,6 +18,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
 GRANT USAGE ON SCHEMA notify TO notify_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient, notify.template, notify.rule, notify.watch
     TO notify_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient_group, notify.group_member, notify.supervisor,
+    notify.preference, notify.directory TO notify_admin;
 GRANT SELECT ON notify.event, notify.message, notify.attempt, notify.channel,
     notify.channels, notify.delivery_log TO notify_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
@@ -30,7 +32,13 @@ SELECT pg_catalog.pg_extension_config_dump('notify.rule', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.channel', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.channel_secret', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.watch', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.recipient_group', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.group_member', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.supervisor', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.preference', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.directory', '');
 -- ... with their identity sequences, or a restored database would hand out ids already taken
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.rule', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.watch', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient_group', 'id')::pg_catalog.regclass, '');
