@@ -94,7 +94,7 @@ SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@examp
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'digest');
 -- options of later versions
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
-                          attachments_query => 'SELECT $1');
+                          attach_rows_csv => 'rows.csv');
 -- none of those was stored
 SELECT count(*) AS rules FROM notify.rule;
 

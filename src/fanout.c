@@ -50,6 +50,7 @@ typedef struct RuleInfo
 	char	   *channel;
 	char	   *default_mode;
 	char	   *context_query;	/* NULL: no `extra` */
+	char	   *attachments_query;	/* NULL: no attachments */
 	Oid			owner;			/* the role its queries run as */
 	Datum	   *specs;
 	int			nspecs;
@@ -90,6 +91,7 @@ static SPIPlanPtr directory_plan = NULL;
 static SPIPlanPtr group_plan = NULL;
 static SPIPlanPtr supervisors_plan = NULL;
 static SPIPlanPtr preference_plan = NULL;
+static SPIPlanPtr attachment_plan = NULL;
 static SPIPlanPtr insert_message_plan = NULL;
 static SPIPlanPtr mark_done_plan = NULL;
 static SPIPlanPtr mark_failed_plan = NULL;
@@ -128,7 +130,7 @@ prepare_plans(void)
 						   1, int8_t);
 	rules_plan = keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
-						   "       r.context_query, r.owner::oid "
+						   "       r.context_query, r.owner::oid, r.attachments_query "
 						   "FROM notify.rule r WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
 						   1, text_t);
 	directory_plan = keep_plan(
@@ -143,6 +145,14 @@ prepare_plans(void)
 								 "SELECT s.supervisor_key FROM notify.supervisor s "
 								 "WHERE s.subordinate_key = $1 ORDER BY s.supervisor_key",
 								 1, text_t);
+	{
+		Oid			att_t[5] = {INT8OID, INT8OID, TEXTOID, TEXTOID, BYTEAOID};
+
+		attachment_plan = keep_plan(
+									"INSERT INTO notify.attachment (event_id, rule_id, filename, content_type, content) "
+									"VALUES ($1, $2, $3, $4, $5)",
+									5, att_t);
+	}
 	{
 		Oid			pref_t[3] = {TEXTOID, TEXTOID, TEXTOID};
 
@@ -729,12 +739,60 @@ load_rules(const char *event_type)
 		rule->default_mode = SPI_getvalue(tup, desc, 5);
 		rule->context_query = SPI_getvalue(tup, desc, 7);
 		rule->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 8, &isnull));
+		rule->attachments_query = SPI_getvalue(tup, desc, 9);
 		specs = DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 6, &isnull));
 		deconstruct_array(specs, TEXTOID, -1, false, TYPALIGN_INT, &rule->specs, NULL, &rule->nspecs);
 		rules = lappend(rules, rule);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return rules;
+}
+
+/*
+ * store_attachments: run the rule's attachments_query (as its owner) and
+ * keep the files for this event's messages of that rule: the invoice PDF
+ * stored in the ERP, read once however many recipients get it.
+ */
+static void
+store_attachments(const PendingEvent *ev, const RuleInfo *rule)
+{
+	Oid			argtype = JSONBOID;
+	Datum		arg = JsonbPGetDatum(ev->context);
+	SPITupleTable *files;
+	uint64		nfiles;
+	int			ret;
+
+	ret = execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
+						   psprintf("SELECT q.filename::text, q.content_type::text, q.content::bytea "
+									"FROM (%s\n) q", rule->attachments_query),
+						   1, &argtype, &arg);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "attachments_query of rule \"%s\" failed: %s", rule->name, SPI_result_code_string(ret));
+	files = SPI_tuptable;
+	nfiles = SPI_processed;
+	for (uint64 i = 0; i < nfiles; i++)
+	{
+		Datum		v[5];
+		bool		isnull[3];
+		MemoryContext target = CurrentMemoryContext;
+
+		v[0] = Int64GetDatum(ev->id);
+		v[1] = Int64GetDatum(rule->id);
+		for (int c = 0; c < 3; c++)
+		{
+			v[c + 2] = SPI_getbinval(files->vals[i], files->tupdesc, c + 1, &isnull[c]);
+			if (isnull[c])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("attachments_query of rule \"%s\" returned a null %s",
+								rule->name, c == 0 ? "filename" : c == 1 ? "content_type" : "content")));
+		}
+		ret = SPI_execute_plan(attachment_plan, v, NULL, false, 0);
+		MemoryContextSwitchTo(target);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "could not store attachment: %s", SPI_result_code_string(ret));
+	}
+	SPI_freetuptable(files);
 }
 
 /*
@@ -754,6 +812,25 @@ fanout_event(const PendingEvent *ev)
 		return 0;
 	base = jsonb_to_tmpl_value(ev->context);
 	deliveries = plan_deliveries(ev->event_type, rules, base, ev->context);
+
+	foreach(lc, rules)
+	{
+		RuleInfo   *rule = (RuleInfo *) lfirst(lc);
+		ListCell   *dc;
+
+		if (rule->attachments_query == NULL)
+			continue;
+		foreach(dc, deliveries)
+		{
+			Delivery   *d = (Delivery *) lfirst(dc);
+
+			if (d->rule == rule && d->status != NULL && strcmp(d->status, "queued") == 0)
+			{
+				store_attachments(ev, rule);
+				break;
+			}
+		}
+	}
 
 	foreach(lc, deliveries)
 	{

@@ -38,6 +38,9 @@ typedef struct ClaimedMessage
 	TimestampTz started;
 	TimestampTz finished;
 	bool		tried;			/* false: left to the lease (worker stopping) */
+	int64		event_id;
+	int64		rule_id;
+	bool		has_attachments;
 	SendResult	result;
 } ClaimedMessage;
 
@@ -55,6 +58,7 @@ static SPIPlanPtr channel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr attempt_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
+static SPIPlanPtr attachments_plan = NULL;
 
 /* keep_plan: prepare once for the life of the worker. */
 static SPIPlanPtr
@@ -96,7 +100,9 @@ prepare_plans(void)
 						   "       lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
 						   "  FROM due WHERE m.id = due.id "
 						   "RETURNING m.id, m.address, m.display_name, m.subject, m.text_body, m.html_body,"
-						   "          m.channel, m.attempts",
+						   "          m.channel, m.attempts, m.event_id, m.rule_id,"
+						   "          EXISTS (SELECT 1 FROM notify.attachment a"
+						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
 						   2, claim_t);
 	channel_plan = keep_plan(
 							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls"
@@ -124,6 +130,14 @@ prepare_plans(void)
 							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
 							 " VALUES ($1, $2, $3, $4, $5, $6)",
 							 6, attempt_t);
+	{
+		Oid			att_t[2] = {INT8OID, INT8OID};
+
+		attachments_plan = keep_plan(
+									 "SELECT a.filename, a.content_type, a.content FROM notify.attachment a"
+									 " WHERE a.event_id = $1 AND a.rule_id = $2 ORDER BY a.id",
+									 2, att_t);
+	}
 	next_due_plan = keep_plan(
 							  "SELECT pg_catalog.extract(epoch FROM pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
 							  "  FROM notify.message m WHERE m.status = 'queued'",
@@ -227,6 +241,13 @@ claim_messages(int batch_size)
 		m->out.html_body = SPI_getvalue(tup, desc, 6);
 		m->channel = SPI_getvalue(tup, desc, 7);
 		m->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		m->event_id = DatumGetInt64(SPI_getbinval(tup, desc, 9, &isnull));
+		if (isnull)
+			m->event_id = -1;
+		m->rule_id = DatumGetInt64(SPI_getbinval(tup, desc, 10, &isnull));
+		if (isnull)
+			m->rule_id = -1;
+		m->has_attachments = DatumGetBool(SPI_getbinval(tup, desc, 11, &isnull));
 		claimed = lappend(claimed, m);
 	}
 	SPI_freetuptable(SPI_tuptable);
@@ -321,6 +342,35 @@ record_results(List *claimed)
 	}
 }
 
+/* load_attachments: the files of a claimed message, copied for use after commit. */
+static void
+load_attachments(ClaimedMessage *m)
+{
+	MemoryContext target = CurrentMemoryContext;
+	Datum		args[2] = {Int64GetDatum(m->event_id), Int64GetDatum(m->rule_id)};
+	int			ret = SPI_execute_plan(attachments_plan, args, NULL, true, 0);
+
+	MemoryContextSwitchTo(target);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read attachments of message %lld: %s", m->out.id, SPI_result_code_string(ret));
+	m->out.nattachments = (int) SPI_processed;
+	m->out.attachments = palloc0(sizeof(OutAttachment) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		bytea	   *content;
+
+		m->out.attachments[i].filename = SPI_getvalue(tup, desc, 1);
+		m->out.attachments[i].content_type = SPI_getvalue(tup, desc, 2);
+		content = DatumGetByteaPCopy(SPI_getbinval(tup, desc, 3, &isnull));
+		m->out.attachments[i].data = VARDATA(content);
+		m->out.attachments[i].len = VARSIZE(content) - VARHDRSZ;
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
 /* begin_work: a transaction with SPI and a snapshot, as worker_spi does it. */
 static void
 begin_work(const char *activity)
@@ -375,6 +425,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 		MemoryContextSwitchTo(batch);
 		if (!load_channel(m->channel, cfg, &kind) || strcmp(kind, "smtp") != 0)
 			cfg = NULL;
+		if (m->has_attachments)
+			load_attachments(m);
 		configs = lappend(configs, cfg);
 	}
 	MemoryContextSwitchTo(batch);

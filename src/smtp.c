@@ -290,6 +290,31 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 	else
 		add_text_part(mime, msg->text_body ? msg->text_body : "", "text/plain; charset=UTF-8");
 
+	for (int i = 0; i < msg->nattachments; i++)
+	{
+		const OutAttachment *att = &msg->attachments[i];
+		curl_mimepart *part = curl_mime_addpart(mime);
+		struct curl_slist *disp = NULL;
+		char	   *param = mime_encode_filename(att->filename, errbuf, sizeof(errbuf));
+
+		if (param == NULL || !mime_header_value_safe(att->content_type, strlen(att->content_type)))
+		{
+			curl_mime_free(mime);
+			curl_slist_free_all(headers);
+			curl_slist_free_all(rcpt);
+			fail_result(result, SEND_FAILED, "attachment: %s",
+						param == NULL ? errbuf : "content type contains control characters");
+			return;
+		}
+		curl_mime_data(part, att->data, att->len);
+		curl_mime_type(part, att->content_type);
+		curl_mime_encoder(part, "base64");
+		/* RFC 2231 file name: non-ASCII names survive, quotes and paths cannot break out */
+		disp = curl_slist_append(disp, psprintf("Content-Disposition: attachment; %s", param));
+		curl_mime_headers(part, disp, 1);
+		mime_free(param);
+	}
+
 	set_common_options(client);
 	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, curl_err);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM, psprintf("<%s>", client->cfg.from_address));

@@ -36,6 +36,15 @@ typedef struct SmtpConfig
 	char	   *tls;
 } SmtpConfig;
 
+/* A file sent with a message. */
+typedef struct OutAttachment
+{
+	const char *filename;
+	const char *content_type;
+	const char *data;
+	size_t		len;
+} OutAttachment;
+
 /* One message, ready to go. */
 typedef struct OutMessage
 {
@@ -45,6 +54,8 @@ typedef struct OutMessage
 	const char *subject;
 	const char *text_body;
 	const char *html_body;		/* NULL: text only */
+	int			nattachments;
+	OutAttachment *attachments;
 } OutMessage;
 
 typedef struct SmtpClient SmtpClient;

@@ -142,9 +142,21 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use ''immediate'' or ''off'' (digests are not available in this version).';
     END IF;
-    IF attachments_query IS NOT NULL OR attach_rows_csv IS NOT NULL THEN
-        RAISE EXCEPTION 'attachments_query and attach_rows_csv are not available in this version'
+    IF attach_rows_csv IS NOT NULL THEN
+        RAISE EXCEPTION 'attach_rows_csv is not available in this version'
             USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF attachments_query IS NOT NULL THEN
+        BEGIN
+            PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
+            EXECUTE 'SELECT q.filename::text, q.content_type::text, q.content::bytea FROM ('
+                    || attachments_query || E'\n) AS q LIMIT 0' USING NULL::jsonb;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'attachments_query of rule % is invalid: %', pg_catalog.quote_literal(name), SQLERRM
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'It must return the columns filename, content_type and content (bytea), with $1 the event''s context (jsonb).';
+        END;
     END IF;
     IF context_query IS NOT NULL AND pg_catalog.btrim(context_query) = '' THEN
         RAISE EXCEPTION 'context_query of rule % is empty', pg_catalog.quote_literal(name)

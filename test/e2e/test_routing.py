@@ -242,3 +242,64 @@ def test_context_query_runs_as_rule_owner(db, cluster, smtp, erp):
     assert f"permission denied for table salaries_{s}" in err[0]
     time.sleep(0.3)
     assert smtp.to(f"co_{s}@example.com") == []
+
+
+def test_s5_payment_mails_admins_and_customer_with_invoice_pdf(db, smtp, erp):
+    s = erp
+    etype = f"payment.recorded.{s}"
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"      # binary, 10 KB
+    db.execute(f"CREATE TABLE invoices_{s} (id int PRIMARY KEY, customer_id int, number text, pdf bytea)")
+    db.execute(f"CREATE TABLE payments_{s} (id serial PRIMARY KEY, invoice_id int, customer_id int, amount numeric)")
+    db.execute(f"INSERT INTO invoices_{s} VALUES (7, 17, 'Nº 7', %s)", (pdf,))
+    db.execute("SELECT notify.create_group(%s)", (f"admins_{s}",))
+    db.execute("SELECT notify.add_member(%s, %s)", (f"admins_{s}", f"user{s}:2"))
+    db.execute(f"SELECT notify.watch('payments_{s}', %s)", (etype,))
+    template(db, f"paid_{s}", "Pago de la factura {{row.invoice_id}}", "Importe: {{row.amount}}")
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s, %s], attachments_query => %s)", (
+        f"s5_{s}", etype, f"paid_{s}", f"group:admins_{s}", f"key:customer{s}:{{row.customer_id}}",
+        f"SELECT 'Factura ' || number || '.pdf' AS filename, 'application/pdf' AS content_type, pdf AS content "
+        f"FROM invoices_{s} WHERE id = ($1->'row'->>'invoice_id')::int"))
+    db.execute(f"INSERT INTO payments_{s} (invoice_id, customer_id, amount) VALUES (7, 17, 1210.00)")
+    [boss] = smtp.wait_for(f"bob_{s}@example.com")
+    [customer] = smtp.wait_for(f"jose_{s}@example.com")
+    for mail in (boss, customer):
+        assert mail.subject == "Pago de la factura 7"
+        atts = [p for p in mail.message.walk() if p.get_content_disposition() == "attachment"]
+        assert len(atts) == 1
+        assert atts[0].get_content_type() == "application/pdf"
+        assert atts[0].get_filename() == "Factura Nº 7.pdf"
+        assert atts[0].get_payload(decode=True) == pdf
+        assert "Importe: 1210.00" in mail.part("text/plain")
+
+
+def test_s12_audit_of_changes_and_deletions(db, smtp, erp):
+    s = erp
+    etype = f"customer.audit.{s}"
+    db.execute(f"SELECT notify.watch('customers_{s}', %s, '{{UPDATE,DELETE}}')", (etype,))
+    template(db, f"audit_{s}", "{{event.op}} {{event.table}} {{row.id}}",
+             "{{#changes}}{{column}}: {{old}} -> {{new}}\n{{/changes}}"
+             "{{^changes}}deleted: {{old.name}} <{{old.email}}>\n{{/changes}}")
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s, %s])",
+               (f"s12_{s}", etype, f"audit_{s}", f"email:audit_{s}@example.com", f"email:dpo_{s}@example.com"))
+    db.execute(f"UPDATE customers_{s} SET email = 'x_{s}@example.com', agent_id = NULL WHERE id = 17")
+    db.execute(f"DELETE FROM customers_{s} WHERE id = 18")
+    mails = smtp.wait_for(f"audit_{s}@example.com", count=2)
+    assert len(smtp.wait_for(f"dpo_{s}@example.com", count=2)) == 2
+    by_subject = {m.subject: m.part("text/plain").replace("\r\n", "\n") for m in mails}
+    assert by_subject[f"UPDATE public.customers_{s} 17"] == \
+        f"email: jose_{s}@example.com -> x_{s}@example.com\nagent_id: 4 -> \n"
+    assert by_subject[f"DELETE public.customers_{s} 18"] == f"deleted: No Agent SA <noagent_{s}@example.com>\n"
+
+
+def test_recipient_locale_picks_template_variant(db, smtp, erp):
+    s = erp
+    etype = f"welcome.{s}"
+    template(db, f"welcome_{s}", "Welcome {{recipient.display_name}}", "Hello")
+    template(db, f"welcome_{s}", "Bienvenida {{recipient.display_name}}", "Hola", locale="es")
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s, %s])",
+               (f"loc_{s}", etype, f"welcome_{s}", f"recipient:user{s}:1", f"recipient:user{s}:2"))
+    db.execute("SELECT notify.emit(%s, '{}')", (etype,))
+    [sara] = smtp.wait_for(f"sara_{s}@example.com")      # locale es
+    [bob] = smtp.wait_for(f"bob_{s}@example.com")        # no locale
+    assert sara.subject == "Bienvenida Sara Seller" and sara.part("text/plain").startswith("Hola")
+    assert bob.subject == "Welcome Bob Boss" and bob.part("text/plain").startswith("Hello")
