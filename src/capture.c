@@ -67,19 +67,6 @@ event_table_owner(void)
 	return owner;
 }
 
-/* prepare_plan: SPI_prepare and keep, for the life of the backend. */
-static SPIPlanPtr
-prepare_plan(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 /*
  * insert_event: write one outbox row, as the outbox's owner, so that the
  * ERP's roles need no rights on the notify schema.  Returns the event id
@@ -102,8 +89,8 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 		const char *cols = "INSERT INTO notify.event (event_type, op, table_name, actor, row, old, changed) "
 		"VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-		insert_event_plan = prepare_plan(cols, EVENT_NARGS, types);
-		emit_event_plan = prepare_plan(psprintf("%s RETURNING id", cols), EVENT_NARGS, types);
+		insert_event_plan = notify_keep_plan(cols, EVENT_NARGS, types);
+		emit_event_plan = notify_keep_plan(psprintf("%s RETURNING id", cols), EVENT_NARGS, types);
 	}
 	plan = want_id ? emit_event_plan : insert_event_plan;
 

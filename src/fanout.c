@@ -98,19 +98,6 @@ static SPIPlanPtr mark_failed_plan = NULL;
 
 #define MSG_NARGS 13
 
-/* keep_plan: prepare once for the life of the worker. */
-static SPIPlanPtr
-keep_plan(const char *sql, int nargs, Oid *types)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 /* prepare_plans: the statements fan-out runs for every batch. */
 static void
 prepare_plans(void)
@@ -123,32 +110,32 @@ prepare_plans(void)
 
 	if (claim_plan != NULL)
 		return;
-	claim_plan = keep_plan(
+	claim_plan = notify_keep_plan(
 						   "SELECT e.id, e.event_type, notify._event_context(e) "
 						   "FROM notify.event e WHERE e.processed_at IS NULL "
 						   "ORDER BY e.id LIMIT $1 FOR UPDATE SKIP LOCKED",
 						   1, int8_t);
-	rules_plan = keep_plan(
+	rules_plan = notify_keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
 						   "       r.context_query, r.owner::oid, r.attachments_query "
 						   "FROM notify.rule r WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
 						   1, text_t);
-	directory_plan = keep_plan(
+	directory_plan = notify_keep_plan(
 							   "SELECT d.query, d.owner::oid FROM notify.directory d WHERE d.prefix = $1",
 							   1, text_t);
-	group_plan = keep_plan(
+	group_plan = notify_keep_plan(
 						   "SELECT m.recipient_key FROM notify.group_member m "
 						   "JOIN notify.recipient_group g ON g.id = m.group_id "
 						   "WHERE g.name = $1 ORDER BY m.added_at, m.recipient_key",
 						   1, text_t);
-	supervisors_plan = keep_plan(
+	supervisors_plan = notify_keep_plan(
 								 "SELECT s.supervisor_key FROM notify.supervisor s "
 								 "WHERE s.subordinate_key = $1 ORDER BY s.supervisor_key",
 								 1, text_t);
 	{
 		Oid			att_t[5] = {INT8OID, INT8OID, TEXTOID, TEXTOID, BYTEAOID};
 
-		attachment_plan = keep_plan(
+		attachment_plan = notify_keep_plan(
 									"INSERT INTO notify.attachment (event_id, rule_id, filename, content_type, content) "
 									"VALUES ($1, $2, $3, $4, $5)",
 									5, att_t);
@@ -156,26 +143,26 @@ prepare_plans(void)
 	{
 		Oid			pref_t[3] = {TEXTOID, TEXTOID, TEXTOID};
 
-		preference_plan = keep_plan(
+		preference_plan = notify_keep_plan(
 									"SELECT p.mode FROM notify.preference p "
 									"WHERE p.recipient_key = $1 AND p.event_type = $2 AND p.channel = $3",
 									3, pref_t);
 	}
-	recipient_plan = keep_plan(
+	recipient_plan = notify_keep_plan(
 							   "SELECT r.email, r.display_name, r.phone, r.locale "
 							   "FROM notify.recipient r WHERE r.key = $1",
 							   1, text_t);
-	insert_message_plan = keep_plan(
+	insert_message_plan = notify_keep_plan(
 									"INSERT INTO notify.message (event_id, event_type, rule_id, rule_name, "
 									"recipient_key, address, display_name, channel, status, subject, "
 									"text_body, html_body, last_error) "
 									"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
 									MSG_NARGS, msg_t);
-	mark_done_plan = keep_plan(
+	mark_done_plan = notify_keep_plan(
 							   "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'done' "
 							   "WHERE id = $1",
 							   1, int8_t);
-	mark_failed_plan = keep_plan(
+	mark_failed_plan = notify_keep_plan(
 								 "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'failed', "
 								 "last_error = $2 WHERE id = $1",
 								 2, failed_t);
@@ -402,15 +389,11 @@ lookup_key(const char *key)
 static List *
 keys_of(SPIPlanPtr plan, const char *arg)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		a = CStringGetTextDatum(arg);
-	int			ret = SPI_execute_plan(plan, &a, NULL, true, 0);
+	uint64		n = notify_run_plan(plan, &a, NULL, true, 0, SPI_OK_SELECT, "recipient lookup");
 	List	   *keys = NIL;
 
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "recipient lookup failed: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 		keys = lappend(keys, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
 	return keys;
 }
@@ -523,18 +506,12 @@ resolve_spec(const char *spec, const TmplValue *ctx)
 static char *
 preference_mode(const char *key, const char *event_type, const char *channel)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		args[3];
-	int			ret;
 
 	args[0] = CStringGetTextDatum(key);
 	args[1] = CStringGetTextDatum(event_type);
 	args[2] = CStringGetTextDatum(channel);
-	ret = SPI_execute_plan(preference_plan, args, NULL, true, 1);
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "preference lookup failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (notify_run_plan(preference_plan, args, NULL, true, 1, SPI_OK_SELECT, "preference lookup") == 0)
 		return NULL;
 	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }
@@ -683,7 +660,6 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 {
 	Datum		v[MSG_NARGS];
 	char		n[MSG_NARGS];
-	int			ret;
 
 	memset(n, ' ', sizeof(n));
 	v[0] = Int64GetDatum(ev->id);
@@ -701,30 +677,18 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 	SET_TEXT(11, msg ? msg->html_body : NULL);
 	SET_TEXT(12, error);
 #undef SET_TEXT
-	{
-		MemoryContext target = CurrentMemoryContext;
-
-		ret = SPI_execute_plan(insert_message_plan, v, n, false, 0);
-		MemoryContextSwitchTo(target);
-	}
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "could not queue message: %s", SPI_result_code_string(ret));
+	notify_run_plan(insert_message_plan, v, n, false, 0, SPI_OK_INSERT, "queueing a message");
 }
 
 /* load_rules: the enabled rules for an event type. */
 static List *
 load_rules(const char *event_type)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = CStringGetTextDatum(event_type);
-	int			ret = SPI_execute_plan(rules_plan, &arg, NULL, true, 0);
+	uint64		n = notify_run_plan(rules_plan, &arg, NULL, true, 0, SPI_OK_SELECT, "rule lookup");
 	List	   *rules = NIL;
 
-	MemoryContextSwitchTo(target);
-
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "rule lookup failed: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
@@ -774,7 +738,6 @@ store_attachments(const PendingEvent *ev, const RuleInfo *rule)
 	{
 		Datum		v[5];
 		bool		isnull[3];
-		MemoryContext target = CurrentMemoryContext;
 
 		v[0] = Int64GetDatum(ev->id);
 		v[1] = Int64GetDatum(rule->id);
@@ -787,10 +750,7 @@ store_attachments(const PendingEvent *ev, const RuleInfo *rule)
 						 errmsg("attachments_query of rule \"%s\" returned a null %s",
 								rule->name, c == 0 ? "filename" : c == 1 ? "content_type" : "content")));
 		}
-		ret = SPI_execute_plan(attachment_plan, v, NULL, false, 0);
-		MemoryContextSwitchTo(target);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "could not store attachment: %s", SPI_result_code_string(ret));
+		notify_run_plan(attachment_plan, v, NULL, false, 0, SPI_OK_INSERT, "storing an attachment");
 	}
 	SPI_freetuptable(files);
 }
@@ -856,37 +816,26 @@ static void
 mark_event(int64 id, const char *error)
 {
 	Datum		v[2];
-	int			ret;
-	MemoryContext target = CurrentMemoryContext;
 
 	v[0] = Int64GetDatum(id);
-
 	if (error == NULL)
-		ret = SPI_execute_plan(mark_done_plan, v, NULL, false, 0);
+		notify_run_plan(mark_done_plan, v, NULL, false, 0, SPI_OK_UPDATE, "marking an event done");
 	else
 	{
 		v[1] = CStringGetTextDatum(error);
-		ret = SPI_execute_plan(mark_failed_plan, v, NULL, false, 0);
+		notify_run_plan(mark_failed_plan, v, NULL, false, 0, SPI_OK_UPDATE, "marking an event failed");
 	}
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_UPDATE)
-		elog(ERROR, "could not mark event %lld: %s", (long long) id, SPI_result_code_string(ret));
 }
 
 /* claim_events: a batch of unprocessed events, locked for this transaction. */
 static List *
 claim_events(int batch_size)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = Int64GetDatum(batch_size);
-	int			ret = SPI_execute_plan(claim_plan, &arg, NULL, false, 0);
+	uint64		n = notify_run_plan(claim_plan, &arg, NULL, false, 0, SPI_OK_SELECT, "claiming events");
 	List	   *events = NIL;
 
-	MemoryContextSwitchTo(target);
-
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not claim events: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;

@@ -40,6 +40,11 @@ typedef struct NotifyShared
 
 extern NotifyShared *notify_shared;
 
+/* spi_util.c */
+extern struct _SPI_plan *notify_keep_plan(const char *sql, int nargs, Oid *argtypes);
+extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char *nulls,
+							  bool read_only, long tcount, int expected, const char *what);
+
 /* notify_ext.c */
 extern void notify_wake_worker(void);
 extern void notify_wake_worker_at_commit(void);

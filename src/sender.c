@@ -60,19 +60,6 @@ static SPIPlanPtr attempt_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr attachments_plan = NULL;
 
-/* keep_plan: prepare once for the life of the worker. */
-static SPIPlanPtr
-keep_plan(const char *sql, int nargs, Oid *types)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 /* prepare_plans: the sender's statements. */
 static void
 prepare_plans(void)
@@ -90,7 +77,7 @@ prepare_plans(void)
 	 * both are taken in id order, a batch at a time, skipping what another
 	 * sender holds.
 	 */
-	claim_plan = keep_plan(
+	claim_plan = notify_keep_plan(
 						   "WITH due AS ("
 						   "  SELECT m.id FROM notify.message m"
 						   "   WHERE (m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now())"
@@ -104,7 +91,7 @@ prepare_plans(void)
 						   "          EXISTS (SELECT 1 FROM notify.attachment a"
 						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
 						   2, claim_t);
-	channel_plan = keep_plan(
+	channel_plan = notify_keep_plan(
 							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls"
 							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
 							 " WHERE c.name = $1",
@@ -114,7 +101,7 @@ prepare_plans(void)
 	 * $2 is the new status; a retry goes back to the queue after the
 	 * backoff ($5 seconds), unless attempts are spent ($6 = max).
 	 */
-	record_plan = keep_plan(
+	record_plan = notify_keep_plan(
 							"UPDATE notify.message SET"
 							"  status = CASE WHEN $2 = 'retry' AND attempts >= $6 THEN 'dead'"
 							"                WHEN $2 = 'retry' THEN 'queued' ELSE $2 END,"
@@ -126,19 +113,19 @@ prepare_plans(void)
 							"  lease_until = NULL "
 							"WHERE id = $1 AND status = 'sending' AND attempts = $7",
 							7, record_t);
-	attempt_plan = keep_plan(
+	attempt_plan = notify_keep_plan(
 							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
 							 " VALUES ($1, $2, $3, $4, $5, $6)",
 							 6, attempt_t);
 	{
 		Oid			att_t[2] = {INT8OID, INT8OID};
 
-		attachments_plan = keep_plan(
+		attachments_plan = notify_keep_plan(
 									 "SELECT a.filename, a.content_type, a.content FROM notify.attachment a"
 									 " WHERE a.event_id = $1 AND a.rule_id = $2 ORDER BY a.id",
 									 2, att_t);
 	}
-	next_due_plan = keep_plan(
+	next_due_plan = notify_keep_plan(
 							  "SELECT pg_catalog.extract(epoch FROM pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
 							  "  FROM notify.message m WHERE m.status = 'queued'",
 							  0, NULL);
@@ -189,17 +176,11 @@ sender_shutdown(void)
 static bool
 load_channel(const char *name, SmtpConfig *cfg, char **kind)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		arg = CStringGetTextDatum(name);
-	int			ret = SPI_execute_plan(channel_plan, &arg, NULL, true, 1);
 	HeapTuple	tup;
 	TupleDesc	desc;
 
-	/* SPI returns in its own context; the settings must outlive the transaction */
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "channel lookup failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (notify_run_plan(channel_plan, &arg, NULL, true, 1, SPI_OK_SELECT, "channel lookup") == 0)
 		return false;
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -217,16 +198,12 @@ load_channel(const char *name, SmtpConfig *cfg, char **kind)
 static List *
 claim_messages(int batch_size)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		args[2] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease)};
-	int			ret = SPI_execute_plan(claim_plan, args, NULL, false, 0);
+	uint64		n = notify_run_plan(claim_plan, args, NULL, false, 0, SPI_OK_UPDATE_RETURNING,
+									"claiming messages");
 	List	   *claimed = NIL;
 
-	/* SPI returns in its own context; the claims must outlive the transaction */
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "could not claim messages: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
@@ -346,16 +323,13 @@ record_results(List *claimed)
 static void
 load_attachments(ClaimedMessage *m)
 {
-	MemoryContext target = CurrentMemoryContext;
 	Datum		args[2] = {Int64GetDatum(m->event_id), Int64GetDatum(m->rule_id)};
-	int			ret = SPI_execute_plan(attachments_plan, args, NULL, true, 0);
+	uint64		n = notify_run_plan(attachments_plan, args, NULL, true, 0, SPI_OK_SELECT,
+									"reading attachments");
 
-	MemoryContextSwitchTo(target);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read attachments of message %lld: %s", m->out.id, SPI_result_code_string(ret));
-	m->out.nattachments = (int) SPI_processed;
-	m->out.attachments = palloc0(sizeof(OutAttachment) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	m->out.nattachments = (int) n;
+	m->out.attachments = palloc0(sizeof(OutAttachment) * Max(n, 1));
+	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
