@@ -108,7 +108,8 @@ prepare_plans(void)
 	Oid			msg_t[MSG_NARGS] = {INT8OID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
 	TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 
-	if (claim_plan != NULL)
+	/* the last one prepared: a failure half-way prepares again next time */
+	if (mark_failed_plan != NULL)
 		return;
 	claim_plan = notify_keep_plan(
 						   "SELECT e.id, e.event_type, notify._event_context(e) "

@@ -12,6 +12,8 @@
 #include "access/xact.h"
 #include "commands/dbcommands.h"
 #include "fmgr.h"
+#include "funcapi.h"
+#include "access/htup_details.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
@@ -31,6 +33,7 @@ bool		notify_enabled = true;
 int			notify_max_attempts = 10;
 int			notify_retry_backoff = 10;
 int			notify_lease = 60;
+int			notify_retention = 30 * 24 * 3600;
 char	   *notify_actor = NULL;
 
 NotifyShared *notify_shared = NULL;
@@ -50,6 +53,8 @@ static void define_settings(void);
 static void register_worker(void);
 
 PG_FUNCTION_INFO_V1(notify_check_database);
+PG_FUNCTION_INFO_V1(notify_wake);
+PG_FUNCTION_INFO_V1(notify_worker_shmem);
 
 /* _PG_init: defines the settings; when preloaded, also shared memory and the worker. */
 void
@@ -132,6 +137,15 @@ define_settings(void)
 							NULL,
 							&notify_lease,
 							60, 5, 24 * 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.retention",
+							"Finished events, messages and attempts older than this are purged by the worker; 0 keeps them forever.",
+							NULL,
+							&notify_retention,
+							30 * 24 * 3600, 0, INT_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
@@ -289,4 +303,52 @@ notify_check_database(PG_FUNCTION_ARGS)
 
 	notify_wake_worker_at_commit();
 	PG_RETURN_VOID();
+}
+
+/* notify_wake: notify._wake_worker(): wake the worker when this transaction commits. */
+Datum
+notify_wake(PG_FUNCTION_ARGS)
+{
+	notify_wake_worker_at_commit();
+	PG_RETURN_VOID();
+}
+
+/* notify_worker_shmem: the worker's pid, state and last error, as it published them. */
+Datum
+notify_worker_shmem(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	pid_t		pid = 0;
+	char		state[128];
+	char		last_error[sizeof(((NotifyShared *) 0)->last_error)];
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	if (notify_shared == NULL)
+	{
+		strlcpy(state, "not running: notify_ext is not in shared_preload_libraries", sizeof(state));
+		last_error[0] = '\0';
+	}
+	else
+	{
+		SpinLockAcquire(&notify_shared->mutex);
+		pid = notify_shared->worker_pid;
+		strlcpy(state, notify_shared->state, sizeof(state));
+		strlcpy(last_error, notify_shared->last_error, sizeof(last_error));
+		SpinLockRelease(&notify_shared->mutex);
+		if (pid == 0)
+			strlcpy(state, "not running", sizeof(state));
+	}
+	if (pid != 0)
+		values[0] = Int32GetDatum((int32) pid);
+	else
+		nulls[0] = true;
+	values[1] = CStringGetTextDatum(state);
+	if (last_error[0])
+		values[2] = CStringGetTextDatum(last_error);
+	else
+		nulls[2] = true;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

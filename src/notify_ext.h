@@ -23,6 +23,7 @@ extern bool notify_enabled;
 extern int	notify_max_attempts;
 extern int	notify_retry_backoff;
 extern int	notify_lease;
+extern int	notify_retention;
 extern char *notify_actor;
 
 /*

@@ -69,7 +69,8 @@ prepare_plans(void)
 	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, INT4OID};
 	Oid			attempt_t[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TEXTOID};
 
-	if (claim_plan != NULL)
+	/* the last one prepared: a failure half-way prepares again next time */
+	if (next_due_plan != NULL)
 		return;
 
 	/*
@@ -126,7 +127,7 @@ prepare_plans(void)
 									 2, att_t);
 	}
 	next_due_plan = notify_keep_plan(
-							  "SELECT pg_catalog.extract(epoch FROM pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
+							  "SELECT pg_catalog.date_part('epoch', pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
 							  "  FROM notify.message m WHERE m.status = 'queued'",
 							  0, NULL);
 }
@@ -448,12 +449,12 @@ send_due_messages(int batch_size, long *next_due_ms)
 	}
 
 	begin_work("notify_ext: next due");
-	if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	if (notify_run_plan(next_due_plan, NULL, NULL, true, 1, SPI_OK_SELECT, "finding the next due message") == 1)
 	{
 		due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 		if (!isnull)
 		{
-			double		secs = DatumGetFloat8(DirectFunctionCall1(numeric_float8, due));
+			double		secs = DatumGetFloat8(due);
 
 			*next_due_ms = secs <= 0 ? 0 : (long) (secs * 1000.0) + 1;
 		}

@@ -32,6 +32,7 @@ struct SmtpClient
 	SmtpConfig	cfg;			/* copies, in TopMemoryContext */
 	CURL	   *curl;
 	char		last_reply[512];	/* the server's last reply line */
+	bool		quitting;		/* QUIT sent: its 221 is not the answer we log */
 };
 
 /* smtp_global_init: libcurl's process-wide setup, once, in the worker. */
@@ -86,7 +87,9 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 	SmtpClient *client = (SmtpClient *) userp;
 	size_t		n;
 
-	if (type != CURLINFO_HEADER_IN || size == 0)
+	if (type == CURLINFO_HEADER_OUT && size >= 4 && pg_strncasecmp(data, "QUIT", 4) == 0)
+		client->quitting = true;
+	if (type != CURLINFO_HEADER_IN || size == 0 || client->quitting)
 		return 0;
 	/* a multi-line reply arrives line by line; keep the last one */
 	n = Min(size, sizeof(client->last_reply) - 1);
@@ -234,6 +237,7 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 
 	memset(result, 0, sizeof(*result));
 	client->last_reply[0] = '\0';
+	client->quitting = false;
 	curl_err[0] = '\0';
 
 	/* everything that could smuggle a header or a command is checked first */

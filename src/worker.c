@@ -27,6 +27,8 @@
 #include "tcop/tcopprot.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "catalog/pg_type.h"
 #include "utils/wait_event.h"
 
 #include "notify_ext.h"
@@ -138,6 +140,39 @@ fanout_round(void)
 }
 
 /*
+ * purge_old_rows: apply notify.retention, at most every ten minutes, so
+ * the log never grows without bound and the purge never competes with
+ * sending for long.
+ */
+static void
+purge_old_rows(void)
+{
+	static TimestampTz last_purge = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	int			ret;
+	Datum		arg;
+	Oid			argtype = INT4OID;
+
+	if (notify_retention <= 0 || !TimestampDifferenceExceeds(last_purge, now, 10 * 60 * 1000))
+		return;
+	last_purge = now;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "notify_ext: purging rows older than notify.retention");
+	arg = Int32GetDatum(notify_retention);
+	ret = SPI_execute_with_args("SELECT notify.purge(pg_catalog.make_interval(secs => $1))",
+								1, &argtype, &arg, NULL, false, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "notify_ext: purge failed: %s", SPI_result_code_string(ret));
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
  * run_rounds: fan out and send until a round finds less than a batch of
  * each.  Returns how long the worker may sleep (ms) before a queued
  * message falls due.
@@ -230,7 +265,10 @@ notify_worker_main(Datum main_arg)
 					notify_set_worker_state("idle");
 				}
 				if (notify_enabled)
+				{
 					sleep_ms = run_rounds();
+					purge_old_rows();
+				}
 				else
 					notify_set_worker_state("paused (notify.enabled = off)");
 			}

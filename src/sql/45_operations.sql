@@ -1,0 +1,102 @@
+-- Operations: what an operator does at 3am with a message that did not go out.
+
+CREATE FUNCTION notify._wake_worker() RETURNS void
+    LANGUAGE c AS 'MODULE_PATHNAME', 'notify_wake';
+
+CREATE FUNCTION notify._worker_shmem(OUT pid integer, OUT state text, OUT last_error text)
+    LANGUAGE c AS 'MODULE_PATHNAME', 'notify_worker_shmem';
+
+/*
+ * SECURITY DEFINER: notify_admin reads the queue but does not write it;
+ * these functions are the only changes it may make, each checked.
+ */
+CREATE FUNCTION notify.retry(message_id bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT m.status INTO st FROM notify.message m WHERE m.id = retry.message_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'message % does not exist', coalesce(message_id::text, 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF st NOT IN ('failed', 'dead') THEN
+        RAISE EXCEPTION 'message % is %, only failed or dead messages can be retried', message_id, st
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = CASE WHEN st = 'queued' THEN 'It is already waiting for its next attempt.'
+                              ELSE 'See its row in notify.delivery_log.' END;
+    END IF;
+    -- attempts keep counting: the log shows every try ever made
+    UPDATE notify.message m SET status = 'queued', next_attempt_at = pg_catalog.now(), lease_until = NULL
+     WHERE m.id = retry.message_id;
+    PERFORM notify._wake_worker();
+END
+$$;
+
+CREATE FUNCTION notify.cancel(message_id bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT m.status INTO st FROM notify.message m WHERE m.id = cancel.message_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'message % does not exist', coalesce(message_id::text, 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF st = 'sending' THEN
+        RAISE EXCEPTION 'message % is being sent and cannot be cancelled now', message_id
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Try again in a moment: if the attempt fails, the message can then be cancelled.';
+    END IF;
+    IF st NOT IN ('queued', 'failed', 'dead') THEN
+        RAISE EXCEPTION 'message % is %, only queued, failed or dead messages can be cancelled', message_id, st
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE notify.message m SET status = 'cancelled', lease_until = NULL WHERE m.id = cancel.message_id;
+END
+$$;
+
+/*
+ * Finished messages (and their attempts) older than the interval go, then
+ * processed events that no longer have messages, then attachments nobody
+ * needs.  Queued and sending messages, and unprocessed events, are never
+ * touched.  Returns the number of messages and events deleted.
+ */
+CREATE FUNCTION notify.purge(older_than interval) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cutoff timestamptz;
+    n_msg  bigint;
+    n_evt  bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example notify.purge(''30 days'').';
+    END IF;
+    cutoff := pg_catalog.now() - older_than;
+    DELETE FROM notify.message m
+     WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled')
+       AND coalesce(m.sent_at, m.created_at) < cutoff;
+    GET DIAGNOSTICS n_msg = ROW_COUNT;
+    DELETE FROM notify.event e
+     WHERE e.processed_at IS NOT NULL AND e.processed_at < cutoff
+       AND NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = e.id);
+    GET DIAGNOSTICS n_evt = ROW_COUNT;
+    DELETE FROM notify.attachment a
+     WHERE NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = a.event_id AND m.rule_id = a.rule_id);
+    RETURN n_msg + n_evt;
+END
+$$;
+
+CREATE FUNCTION notify.worker_status()
+    RETURNS TABLE (pid integer, state text, queued bigint, sending bigint,
+                   sent_last_minute bigint, last_error text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT w.pid, w.state,
+           (SELECT count(*) FROM notify.message m WHERE m.status = 'queued'),
+           (SELECT count(*) FROM notify.message m WHERE m.status = 'sending'),
+           (SELECT count(*) FROM notify.message m
+             WHERE m.status = 'sent' AND m.sent_at > pg_catalog.now() - interval '1 minute'),
+           w.last_error
+      FROM notify._worker_shmem() w
+$$;
