@@ -910,6 +910,7 @@ fanout_pending_events(int batch_size)
 		return 0;
 
 	event_cxt = AllocSetContextCreate(outer, "notify fanout event", ALLOCSET_DEFAULT_SIZES);
+	render_cache_begin();
 	foreach(lc, events)
 	{
 		PendingEvent *ev = (PendingEvent *) lfirst(lc);
@@ -926,6 +927,7 @@ fanout_pending_events(int batch_size)
 		}
 		MemoryContextReset(event_cxt);
 	}
+	render_cache_end();
 	MemoryContextDelete(event_cxt);
 	return list_length(events);
 }

@@ -71,6 +71,8 @@ typedef struct RenderedMessage
 
 struct TmplValue;
 extern void render_init_allocators(void);
+extern void render_cache_begin(void);
+extern void render_cache_end(void);
 extern struct TmplValue *jsonb_to_tmpl_value(Jsonb *jb);
 extern RenderedMessage *render_template_value(const char *name, const char *locale,
 											  const struct TmplValue *ctx);

@@ -21,6 +21,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/memutils.h"
 
 #include "mime.h"
 #include "notify_ext.h"
@@ -233,17 +234,15 @@ jsonb_to_tmpl_value(Jsonb *jb)
 	return v;
 }
 
-/* render_part: one part of a template, rendered against ctx. */
+/* render_part: one compiled part of a template, rendered against ctx. */
 static char *
 render_part(const char *name, const char *locale, TemplatePart part,
-			const char *src, const TmplValue *ctx)
+			const TmplTemplate *t, const TmplValue *ctx)
 {
-	TmplTemplate *t;
 	TmplBuf		out = {0};
 	TmplError	err;
 	PartialLookup pl;
 
-	t = compile_or_error(name, part_names[part], src, strlen(src));
 	pl.locale = locale;
 	pl.part = part;
 	memset(&err, 0, sizeof(err));
@@ -255,10 +254,79 @@ render_part(const char *name, const char *locale, TemplatePart part,
 						name, part_names[part], err.message,
 						(err.line > 0 && strstr(err.message, "line ") == NULL)
 						? psprintf(" (line %d, column %d)", err.line, err.column) : "")));
-	tmpl_free(t);
 	if (out.data == NULL)
 		return pstrdup("");
 	return out.data;
+}
+
+/* A template variant, compiled: what fan-out renders for every recipient. */
+typedef struct CompiledTemplate
+{
+	char	   *name;
+	char	   *locale;			/* as asked for, "" for none */
+	TmplTemplate *part[4];		/* indexed by TemplatePart; html may be NULL */
+} CompiledTemplate;
+
+/*
+ * While a fan-out batch runs, compiled templates are kept: a group of 50
+ * gets one lookup and one compile per template and locale, not 50.  The
+ * cache lives for one batch only, so an edited template is used from the
+ * next batch on.  Outside a batch (notify.render) nothing is cached.
+ */
+static MemoryContext cache_cxt = NULL;
+static List *cache = NIL;
+
+/* render_cache_begin: start caching compiled templates (a fan-out batch). */
+void
+render_cache_begin(void)
+{
+	render_cache_end();
+	cache_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext template cache",
+									  ALLOCSET_DEFAULT_SIZES);
+}
+
+/* render_cache_end: forget them. */
+void
+render_cache_end(void)
+{
+	if (cache_cxt != NULL)
+		MemoryContextDelete(cache_cxt);
+	cache_cxt = NULL;
+	cache = NIL;
+}
+
+/* compiled_template: the compiled variant of a template for a locale (cached in a batch). */
+static CompiledTemplate *
+compiled_template(const char *name, const char *locale)
+{
+	const char *key = locale ? locale : "";
+	char	   *src[4] = {NULL, NULL, NULL, NULL};
+	CompiledTemplate *ct;
+	ListCell   *lc;
+	MemoryContext old;
+
+	foreach(lc, cache)
+	{
+		ct = (CompiledTemplate *) lfirst(lc);
+		if (strcmp(ct->name, name) == 0 && strcmp(ct->locale, key) == 0)
+			return ct;
+	}
+	if (!fetch_template(name, locale, src))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("template \"%s\" does not exist", name),
+				 errhint("Create it with notify.set_template.")));
+	old = MemoryContextSwitchTo(cache_cxt ? cache_cxt : CurrentMemoryContext);
+	ct = palloc0(sizeof(CompiledTemplate));
+	ct->name = pstrdup(name);
+	ct->locale = pstrdup(key);
+	for (int i = PART_SUBJECT; i <= PART_HTML; i++)
+		if (src[i] != NULL)
+			ct->part[i] = compile_or_error(name, part_names[i], src[i], strlen(src[i]));
+	if (cache_cxt != NULL)
+		cache = lappend(cache, ct);
+	MemoryContextSwitchTo(old);
+	return ct;
 }
 
 /*
@@ -270,17 +338,12 @@ RenderedMessage *
 render_template_value(const char *name, const char *locale, const TmplValue *ctx)
 {
 	RenderedMessage *msg = palloc0(sizeof(RenderedMessage));
-	char	   *parts[4] = {NULL, NULL, NULL, NULL};
+	CompiledTemplate *ct = compiled_template(name, locale);
 
-	if (!fetch_template(name, locale, parts))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("template \"%s\" does not exist", name),
-				 errhint("Create it with notify.set_template.")));
-	msg->subject = render_part(name, locale, PART_SUBJECT, parts[PART_SUBJECT], ctx);
-	msg->text_body = render_part(name, locale, PART_TEXT, parts[PART_TEXT], ctx);
-	if (parts[PART_HTML] != NULL)
-		msg->html_body = render_part(name, locale, PART_HTML, parts[PART_HTML], ctx);
+	msg->subject = render_part(name, locale, PART_SUBJECT, ct->part[PART_SUBJECT], ctx);
+	msg->text_body = render_part(name, locale, PART_TEXT, ct->part[PART_TEXT], ctx);
+	if (ct->part[PART_HTML] != NULL)
+		msg->html_body = render_part(name, locale, PART_HTML, ct->part[PART_HTML], ctx);
 	return msg;
 }
 

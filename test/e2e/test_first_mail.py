@@ -258,3 +258,17 @@ def test_one_connection_serves_a_batch(db, smtp, uniq):
     mails = smtp.wait_for(to, count=20)
     ports = {m.peer for m in mails}
     assert len(ports) == 1, f"expected one SMTP connection, saw {[m.peer for m in mails]}"
+
+
+def test_edited_template_is_used_for_the_next_event(db, smtp, uniq):
+    """Compiled templates are cached for one fan-out batch only."""
+    etype = f"edit.{uniq}"
+    to = f"{uniq}@example.com"
+    db.execute("SELECT notify.set_template(%s, 'version 1', 'one')", (f"tpl_{uniq}",))
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s])", (f"rule_{uniq}", etype, f"tpl_{uniq}", f"email:{to}"))
+    db.execute("SELECT notify.emit(%s, '{}')", (etype,))
+    smtp.wait_for(to)
+    db.execute("SELECT notify.set_template(%s, 'version 2', 'two')", (f"tpl_{uniq}",))
+    db.execute("SELECT notify.emit(%s, '{}')", (etype,))
+    mails = smtp.wait_for(to, count=2)
+    assert sorted(m.subject for m in mails) == ["version 1", "version 2"]
