@@ -56,9 +56,11 @@ CREATE FUNCTION notify._pick_template(name text, locale text)
     LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT t.* FROM notify.template t
      WHERE t.name = _pick_template.name
-       AND t.locale IN (coalesce(pg_catalog.replace(_pick_template.locale, '_', '-'), ''),
-                        pg_catalog.split_part(coalesce(pg_catalog.replace(_pick_template.locale, '_', '-'), ''), '-', 1),
-                        '')
+       -- language tags compare case-insensitively: 'ES-es' finds 'es-ES', then 'es'
+       AND pg_catalog.lower(t.locale) IN (
+               pg_catalog.lower(coalesce(pg_catalog.replace(_pick_template.locale, '_', '-'), '')),
+               pg_catalog.lower(pg_catalog.split_part(coalesce(pg_catalog.replace(_pick_template.locale, '_', '-'), ''), '-', 1)),
+               '')
      ORDER BY pg_catalog.length(t.locale) DESC
      LIMIT 1
 $$;

@@ -24,7 +24,7 @@ def erp(db, uniq):
                                       contact_email text);
         INSERT INTO users_{s} VALUES (1, 'Sara Seller', 'sara_{s}@example.com', 'es'),
                                      (2, 'Bob Boss', 'bob_{s}@example.com', NULL),
-                                     (3, 'Otto Other', 'otto_{s}@example.com', NULL),
+                                     (3, 'Otto Other', 'otto_{s}@example.com', 'ES_es'),
                                      (4, 'Ada Agent', 'ada_{s}@example.com', NULL),
                                      (5, 'Gus Group', 'gus_{s}@example.com', NULL);
         INSERT INTO customers_{s} VALUES (17, 'José Núñez SL', 'jose_{s}@example.com', 4),
@@ -296,10 +296,13 @@ def test_recipient_locale_picks_template_variant(db, smtp, erp):
     etype = f"welcome.{s}"
     template(db, f"welcome_{s}", "Welcome {{recipient.display_name}}", "Hello")
     template(db, f"welcome_{s}", "Bienvenida {{recipient.display_name}}", "Hola", locale="es")
-    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s, %s])",
-               (f"loc_{s}", etype, f"welcome_{s}", f"recipient:user{s}:1", f"recipient:user{s}:2"))
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY[%s, %s, %s])",
+               (f"loc_{s}", etype, f"welcome_{s}", f"recipient:user{s}:1", f"recipient:user{s}:2",
+                f"recipient:user{s}:3"))
     db.execute("SELECT notify.emit(%s, '{}')", (etype,))
     [sara] = smtp.wait_for(f"sara_{s}@example.com")      # locale es
     [bob] = smtp.wait_for(f"bob_{s}@example.com")        # no locale
     assert sara.subject == "Bienvenida Sara Seller" and sara.part("text/plain").startswith("Hola")
     assert bob.subject == "Welcome Bob Boss" and bob.part("text/plain").startswith("Hello")
+    [otto] = smtp.wait_for(f"otto_{s}@example.com")      # 'ES_es': tags compare case-insensitively
+    assert otto.subject == "Bienvenida Otto Other"
