@@ -66,7 +66,7 @@ prepare_plans(void)
 {
 	Oid			claim_t[2] = {INT4OID, INT4OID};
 	Oid			text_t[1] = {TEXTOID};
-	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID, INT4OID};
+	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
 	Oid			attempt_t[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TEXTOID};
 
 	/* the last one prepared: a failure half-way prepares again next time */
@@ -237,7 +237,7 @@ claim_messages(int batch_size)
  * notify.retry_backoff, capped at an hour, with up to 25% jitter so that
  * a queue that failed together does not retry together.
  */
-static int
+static double
 retry_delay(int attempts)
 {
 	double		delay = notify_retry_backoff;
@@ -246,7 +246,8 @@ retry_delay(int attempts)
 		delay *= 2;
 	delay = Min(delay, 3600);
 	delay *= 1.0 + 0.25 * pg_prng_double(&pg_global_prng_state);
-	return (int) Min(delay, 3600);
+	/* fractional seconds: truncating would make a queue that failed together retry together */
+	return Min(delay, 3600.0);
 }
 
 /* record_results: status, log and one attempt row per message, in one transaction. */
@@ -292,7 +293,7 @@ record_results(List *claimed)
 			v[3] = CStringGetTextDatum(m->result.response);
 		else
 			n[3] = 'n';
-		v[4] = Int32GetDatum(retry_delay(m->attempts));
+		v[4] = Float8GetDatum(retry_delay(m->attempts));
 		v[5] = Int32GetDatum(notify_max_attempts);
 		v[6] = Int32GetDatum(m->attempts);
 		ret = SPI_execute_plan(record_plan, v, n, false, 0);

@@ -1,0 +1,510 @@
+"""Fault injection: the worker killed mid-run (SIGTERM, SIGKILL), the SMTP
+server down for 20 s, and an immediate shutdown of the cluster under load.
+
+Each test makes its own cluster (and its own SMTP server), so it may kill,
+stop and restart them; it stops only what it started.  What was injected and
+what was counted is printed (run pytest with -s to see it).
+"""
+import asyncio
+import math
+import os
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+
+import psycopg
+import pytest
+from aiosmtpd.controller import Controller
+
+from harness import Cluster, SmtpServer, _Recorder, free_port, wait_until
+
+FROM = "erp@example.com"
+BULK_TO = "bulk@example.com"
+
+
+# --------------------------------------------------------------------------- SMTP
+
+class _SlowRecorder(_Recorder):
+    """The harness's recorder, optionally taking `delay` seconds per DATA
+    (before the mail is recorded and before the 250 is sent)."""
+
+    def __init__(self, server, delay):
+        super().__init__(server)
+        self.delay = delay
+
+    async def handle_DATA(self, smtp, session, envelope):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await super().handle_DATA(smtp, session, envelope)
+
+
+class _TrackingController(Controller):
+    """Keeps the client sessions so that crash() can reset them, as a dying
+    server process would (Controller.stop() alone only cancels its tasks)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.sessions = []
+
+    def factory(self):
+        proto = super().factory()
+        self.sessions.append(proto)
+        return proto
+
+    def crash(self):
+        def abort_all():
+            for proto in self.sessions:
+                if proto.transport is not None:
+                    proto.transport.abort()
+        self.loop.call_soon_threadsafe(abort_all)
+        self.stop()
+
+
+class FaultSmtp(SmtpServer):
+    """SmtpServer on a chosen port (to come back where the worker expects
+    it), sharing the mail list of a predecessor, optionally slow."""
+
+    def __init__(self, port=None, delay=0.0, share=None):
+        self.port = port or free_port()
+        if share is not None:
+            self.mails, self.cond = share.mails, share.cond
+        else:
+            self.mails, self.cond = [], threading.Condition()
+        self.rcpt_replies = {}
+        self.controller = _TrackingController(
+            _SlowRecorder(self, delay), hostname="127.0.0.1", port=self.port,
+            decode_data=False, data_size_limit=50 * 1024 * 1024)
+        self.controller.start()
+        self.running = True
+
+    def count(self):
+        with self.cond:
+            return len(self.mails)
+
+    def snapshot(self):
+        with self.cond:
+            return list(self.mails)
+
+    def crash(self):
+        self.controller.crash()
+        self.running = False
+
+    def stop(self):
+        if self.running:
+            self.controller.stop()
+            self.running = False
+
+
+def numbers(mails, prefix):
+    """The n of each mail whose subject is `prefix n`, in arrival order."""
+    out = []
+    for m in mails:
+        match = re.fullmatch(re.escape(prefix) + r" (\d+)", m.subject)
+        assert match, f"unexpected subject {m.subject!r}"
+        out.append(int(match.group(1)))
+    return out
+
+
+def tally(mails, prefix):
+    """(distinct n's, duplicates by Message-ID, duplicates by n, n's with >1 Message-ID)."""
+    ns = numbers(mails, prefix)
+    mids = [m.message["Message-ID"] for m in mails]
+    ids_of_n = defaultdict(set)
+    for n, mid in zip(ns, mids):
+        ids_of_n[n].add(mid)
+    split = {n: ids for n, ids in ids_of_n.items() if len(ids) > 1}
+    return set(ns), len(mids) - len(set(mids)), len(ns) - len(set(ns)), split
+
+
+# --------------------------------------------------------------------------- cluster
+
+BAD_LOG = re.compile(r"PANIC|TRAP:|terminated by signal|was terminated by exception|"
+                     r"notify_ext worker (ERROR|FATAL)|ERROR|FATAL")
+
+
+def log_lines(cluster, pattern=BAD_LOG):
+    # the worker starts before Cluster() creates its database: that FATAL is expected
+    return [line for line in cluster.log().splitlines()
+            if pattern.search(line) and 'database "fault" does not exist' not in line]
+
+
+def worker_pid(conn):
+    row = conn.execute("SELECT pid FROM pg_stat_activity "
+                       "WHERE backend_type = 'notify_ext worker'").fetchone()
+    return row[0] if row else None
+
+
+def connect_when_up(cluster, timeout=60):
+    def attempt():
+        try:
+            conn = cluster.connect()
+            conn.execute("SELECT 1")
+            return conn
+        except psycopg.OperationalError:
+            return None
+    return wait_until(attempt, timeout=timeout, interval=0.2, what="server accepting connections")
+
+
+@pytest.fixture
+def env():
+    """make(smtp, settings) -> a fresh cluster with the extension, an SMTP
+    channel to `smtp`, template and rule `bulk` (subject `m {{row.n}}`).
+    Teardown destroys the clusters and stops the SMTP servers made here."""
+    clusters, servers = [], []
+
+    def make(smtp, settings=None):
+        servers.append(smtp)
+        conf = {"notify.poll_interval": "'1s'"}
+        conf.update(settings or {})
+        c = Cluster(dbname="fault", settings=conf)
+        clusters.append(c)
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION notify_ext")
+            conn.execute("SELECT notify.set_smtp(%s, %s, tls => 'off')",
+                         (f"smtp://127.0.0.1:{smtp.port}", FROM))
+            conn.execute("SELECT notify.set_template('bulk', 'm {{row.n}}', 'n = {{row.n}}')")
+            conn.execute("SELECT notify.create_rule('bulk', 'bulk', 'bulk', ARRAY[%s])",
+                          (f"email:{BULK_TO}",))
+        return c
+
+    make.servers = servers
+    yield make
+    for c in clusters:
+        lines = log_lines(c)
+        if lines:
+            print(f"server log, notable lines ({len(lines)}):")
+            for line in lines[:40]:
+                print("   ", line)
+        if os.environ.get("NOTIFY_KEEP_LOG"):
+            print(c.log())
+        c.destroy()
+    for s in servers:
+        s.stop()
+
+
+def wait_all_numbers(smtp, prefix, wanted, timeout, what):
+    wanted = set(wanted)
+
+    def done():
+        return wanted <= set(numbers(smtp.snapshot(), prefix))
+    try:
+        wait_until(done, timeout=timeout, interval=0.25, what=what)
+    except AssertionError:
+        got = set(numbers(smtp.snapshot(), prefix))
+        missing = sorted(wanted - got)
+        raise AssertionError(f"{what}: {len(missing)} of {len(wanted)} never arrived "
+                             f"(first: {missing[:20]})") from None
+
+
+def status_counts(conn):
+    return dict(conn.execute("SELECT status, count(*) FROM notify.message GROUP BY 1").fetchall())
+
+
+# --------------------------------------------------------------------------- 1. kill the worker
+
+N_KILL = 5000
+KILL_AT = 1000
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_worker_killed_while_sending(env, how):
+    smtp = FaultSmtp()
+    cluster = env(smtp)
+    t_start = time.monotonic()
+    conn = cluster.connect()
+    batch = int(conn.execute("SHOW notify.batch_size").fetchone()[0])
+    old_pid = wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
+
+    conn.execute("SELECT notify.emit('bulk', jsonb_build_object('n', g)) "
+                 "FROM generate_series(1, %s) g", (N_KILL,))
+    wait_until(lambda: smtp.count() >= KILL_AT, timeout=60, interval=0.002,
+               what=f"{KILL_AT} mails received")
+    at_kill = smtp.count()
+    t_kill = time.monotonic()
+    if how == "sigterm":
+        killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE backend_type = 'notify_ext worker'").fetchall()
+        assert killed == [(True,)]
+    else:
+        os.kill(old_pid, 9)
+    after_signal = smtp.count()
+    print(f"\n[{how}] injected: {'pg_terminate_backend' if how == 'sigterm' else 'SIGKILL'} "
+          f"of worker pid {old_pid} after {at_kill} of {N_KILL} mails received "
+          f"(batch_size {batch}); {after_signal} received when the signal call returned")
+
+    if how == "sigterm":
+        # only the worker goes: this session survives, and the worker comes back
+        # after its restart delay (10 s)
+        wait_until(lambda: worker_pid(conn) != old_pid, timeout=10, interval=0.01, what="worker exit")
+        print(f"[{how}] worker gone {time.monotonic() - t_kill:.3f} s after the signal; "
+              f"{smtp.count()} received then")
+        new_pid = wait_until(lambda: worker_pid(conn), timeout=30, interval=0.2,
+                             what="worker restarted")
+    else:
+        # the postmaster resets every backend: this session is gone too
+        conn.close()
+        conn = connect_when_up(cluster)
+        new_pid = wait_until(lambda: worker_pid(conn), timeout=30, interval=0.2,
+                             what="worker restarted")
+    t_back = time.monotonic()
+    print(f"[{how}] worker back as pid {new_pid} {t_back - t_kill:.1f} s later; "
+          f"{smtp.count()} mails received so far")
+    assert new_pid != old_pid
+
+    wait_all_numbers(smtp, "m", range(1, N_KILL + 1), timeout=90, what=f"all {N_KILL} mails")
+    t_all = time.monotonic()
+    sent = wait_until(lambda: status_counts(conn).get("sent", 0) >= N_KILL and status_counts(conn),
+                      timeout=30, interval=0.25, what=f"{N_KILL} 'sent' in notify.message")
+    time.sleep(0.5)   # anything still in flight would show up as an extra duplicate
+    mails = smtp.snapshot()
+    distinct, dup_mid, dup_n, split = tally(mails, "m")
+    log_sent = conn.execute("SELECT count(*) FROM notify.delivery_log "
+                            "WHERE event_type = 'bulk' AND status = 'sent'").fetchone()[0]
+    n_msgs = conn.execute("SELECT count(*) FROM notify.message").fetchone()[0]
+    multi = conn.execute("SELECT count(*) FROM notify.message WHERE attempts > 1").fetchone()[0]
+    took_back = re.findall(r"took back (\d+) message", cluster.log())
+    print(f"[{how}] counted: {len(mails)} mails received, {len(distinct)} distinct n, "
+          f"duplicates by Message-ID {dup_mid}, by n {dup_n}; delivery_log 'sent' {log_sent}, "
+          f"message rows {n_msgs} {sent}, messages tried >1 time {multi}, "
+          f"worker 'took back' log: {took_back}")
+    print(f"[{how}] timing: kill at {t_kill - t_start:.1f} s, worker back after "
+          f"{t_back - t_kill:.1f} s, all {N_KILL} received {t_all - t_kill:.1f} s after the kill")
+
+    assert distinct == set(range(1, N_KILL + 1))
+    assert not split, f"one event got several messages (fan-out ran twice): {dict(list(split.items())[:5])}"
+    assert dup_mid == dup_n
+    assert dup_mid <= batch, f"{dup_mid} duplicates > batch_size {batch}"
+    assert log_sent == N_KILL and n_msgs == N_KILL
+    bad = [line for line in log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal (?!9)|"
+                                                            r"was terminated by exception"))]
+    assert not bad, bad
+    if how == "sigkill":
+        assert len(re.findall(r"notify_ext worker.*was terminated by signal 9", cluster.log())) == 1
+    else:
+        assert "terminated by signal" not in cluster.log()
+    conn.close()
+
+
+# --------------------------------------------------------------------------- 2. SMTP outage
+
+N_OUTAGE = 300
+OUTAGE_AT = 100
+OUTAGE_S = 20
+BACKOFF_S = 2
+
+
+def test_smtp_server_down_for_20s(env):
+    smtp = FaultSmtp(delay=0.02)       # 20 ms per DATA: the run lasts long enough to cut it
+    cluster = env(smtp, {"notify.retry_backoff": f"'{BACKOFF_S}s'"})
+    conn = cluster.connect()
+    wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
+
+    conn.execute("SELECT notify.emit('bulk', jsonb_build_object('n', g)) "
+                 "FROM generate_series(1, %s) g", (N_OUTAGE,))
+    wait_until(lambda: smtp.count() >= OUTAGE_AT, timeout=60, interval=0.005,
+               what=f"{OUTAGE_AT} mails received")
+    t_down_wall = time.time()
+    smtp.crash()
+    before = smtp.count()
+    print(f"\n[outage] injected: SMTP server (port {smtp.port}) down after {before} of "
+          f"{N_OUTAGE} mails, for {OUTAGE_S} s; retry_backoff {BACKOFF_S}s")
+    time.sleep(OUTAGE_S / 2)
+    mid = conn.execute("SELECT count(*) FROM notify.attempt WHERE outcome = 'retry'").fetchone()[0]
+    time.sleep(OUTAGE_S / 2)
+    during = status_counts(conn)
+    retries_down = conn.execute("SELECT count(*) FROM notify.attempt WHERE outcome = 'retry'").fetchone()[0]
+    print(f"[outage] while down: retry attempts {mid} at {OUTAGE_S // 2} s, {retries_down} at "
+          f"{OUTAGE_S} s; messages {during}")
+    assert smtp.count() == before
+    assert retries_down > 0, "the worker did not try during the outage"
+
+    smtp2 = FaultSmtp(port=smtp.port, share=smtp)
+    env.servers.append(smtp2)
+    t_up_wall = time.time()
+    t_up = time.monotonic()
+    wait_all_numbers(smtp2, "m", range(1, N_OUTAGE + 1), timeout=60, what=f"all {N_OUTAGE} mails")
+    t_all = time.monotonic()
+    wait_until(lambda: status_counts(conn).get("sent", 0) >= N_OUTAGE, timeout=30,
+               interval=0.25, what=f"{N_OUTAGE} 'sent' in notify.message")
+    final = status_counts(conn)
+    mails = smtp2.snapshot()
+    distinct, dup_mid, dup_n, split = tally(mails, "m")
+
+    rows = conn.execute("SELECT message_id, extract(epoch FROM started_at)::float8, "
+                        "extract(epoch FROM finished_at)::float8, outcome, response "
+                        "FROM notify.attempt ORDER BY message_id, started_at").fetchall()
+    by_msg = defaultdict(list)
+    for mid_, st, fin, outcome, resp in rows:
+        by_msg[mid_].append((st, fin, outcome, resp))
+    retries = sum(1 for r in rows if r[3] == "retry")
+    outcomes = Counter(r[3] for r in rows)
+    retried_msgs = sum(1 for a in by_msg.values() if len(a) > 1)
+    max_per_msg = max(len(a) for a in by_msg.values())
+    # spacing: after the k-th failed try the next one waits >= backoff * 2^(k-1)
+    # (the worker adds 0..25 % jitter, in fractions of a second)
+    too_soon, lateness, gaps = [], [], defaultdict(list)
+    for mid_, a in by_msg.items():
+        for k in range(1, len(a)):
+            prev, nxt = a[k - 1], a[k]
+            if prev[2] != "retry":
+                continue
+            need = BACKOFF_S * 2 ** (k - 1)
+            gap = nxt[0] - prev[1]
+            gaps[k].append(gap)
+            if gap < need - 0.05:
+                too_soon.append((mid_, k, round(gap, 3), need))
+            lateness.append(gap - need * 1.25)
+    retries_outside = [r for r in rows if r[3] == "retry"
+                       and not (t_down_wall - 1 <= r[1] <= t_up_wall + 1)]
+    window = t_up_wall - t_down_wall
+    max_retries_allowed = 1 + math.floor(math.log2(window / BACKOFF_S + 1))
+    max_retries_seen = max(sum(1 for x in a if x[2] == "retry") for a in by_msg.values())
+    sample = next((r[4] for r in rows if r[3] == "retry"), None)
+
+    print(f"[outage] server back after {window:.1f} s; all {N_OUTAGE} received "
+          f"{t_all - t_up:.1f} s later")
+    print(f"[outage] counted: {len(mails)} mails, {len(distinct)} distinct, duplicates by "
+          f"Message-ID {dup_mid}; messages {final}")
+    print(f"[outage] attempts: {len(rows)} rows {dict(outcomes)}; retry attempts {retries} "
+          f"(limit checked: < {N_OUTAGE * 6}); messages tried >1 time {retried_msgs}; max tries "
+          f"of one message {max_per_msg}; max retries of one message {max_retries_seen} "
+          f"(backoff allows <= {max_retries_allowed} in {window:.1f} s)")
+    for k in sorted(gaps):
+        g = gaps[k]
+        print(f"[outage] gap after failed try {k}: n={len(g)} min {min(g):.2f} s max {max(g):.2f} s "
+              f"(backoff {BACKOFF_S * 2 ** (k - 1)} s, +25 % jitter)")
+    print(f"[outage] retry attempts outside the outage window: {len(retries_outside)}; "
+          f"sample retry reason: {sample!r}")
+
+    assert distinct == set(range(1, N_OUTAGE + 1))
+    assert not split
+    assert final.get("sent") == N_OUTAGE and sum(final.values()) == N_OUTAGE, final
+    assert retries > 0
+    assert not too_soon, f"retries sooner than the backoff (message, try, gap, needed): {too_soon[:10]}"
+    assert retries < N_OUTAGE * 6, "tight retry loop"
+    assert max_retries_seen <= max_retries_allowed, "more retries than the doubling backoff allows"
+    assert max(lateness) < 5, f"a due retry waited {max(lateness):.1f} s beyond backoff+jitter"
+    # jitter: messages that failed together do not all retry together
+    assert max(gaps[1]) - min(gaps[1]) > 0.1, f"no jitter in the first retry: {min(gaps[1]):.2f}..{max(gaps[1]):.2f} s"
+    assert not log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal")), \
+        log_lines(cluster)
+    conn.close()
+
+
+# --------------------------------------------------------------------------- 3. immediate shutdown
+
+LOAD_S = 2.0
+RB_BASE = 1_000_000
+
+
+def test_immediate_shutdown_under_load(env):
+    smtp = FaultSmtp()
+    cluster = env(smtp)
+    to = "orders@example.com"
+    with cluster.connect() as conn:
+        batch = int(conn.execute("SHOW notify.batch_size").fetchone()[0])
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        conn.execute("SELECT notify.watch('orders'::regclass, 'order.created')")
+        conn.execute("SELECT notify.set_template('order', 'c {{row.id}}', 'order {{row.id}}')")
+        conn.execute("SELECT notify.create_rule('order', 'order.created', 'order', ARRAY[%s])",
+                     (f"email:{to}",))
+        wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
+
+    committed, ambiguous, never = [], [], []     # `never`: rolled back or failed before COMMIT
+    stop = threading.Event()
+    errors = []
+
+    def committer():
+        conn = cluster.connect(autocommit=False)
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                try:
+                    conn.execute("INSERT INTO orders VALUES (%s, 'committed')", (i,))
+                except psycopg.Error as e:
+                    never.append(i)
+                    errors.append(f"committer insert {i}: {type(e).__name__}")
+                    return
+                try:
+                    conn.commit()
+                except psycopg.Error as e:
+                    ambiguous.append(i)
+                    errors.append(f"committer commit {i}: {type(e).__name__}")
+                    return
+                committed.append(i)
+        finally:
+            conn.close()
+
+    def rollbacker():
+        conn = cluster.connect(autocommit=False)
+        j = RB_BASE
+        try:
+            while not stop.is_set():
+                j += 1
+                never.append(j)      # whatever happens, it never reaches COMMIT
+                try:
+                    conn.execute("INSERT INTO orders VALUES (%s, 'rolled back')", (j,))
+                    conn.rollback()
+                except psycopg.Error as e:
+                    errors.append(f"rollbacker {j}: {type(e).__name__}")
+                    return
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=committer), threading.Thread(target=rollbacker)]
+    for t in threads:
+        t.start()
+    time.sleep(LOAD_S)
+    mailed_before = smtp.count()
+    committed_before = len(committed)
+    t0 = time.monotonic()
+    cluster.stop("immediate")
+    t_stop = time.monotonic() - t0
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    print(f"\n[immediate] injected: pg_ctl stop -m immediate after {LOAD_S} s of load "
+          f"({committed_before} commits returned, {mailed_before} mails received; stop took "
+          f"{t_stop:.2f} s); client errors: {errors}")
+    print(f"[immediate] committed ids {len(committed)}, ambiguous {ambiguous}, "
+          f"rolled back / never committed {len(never)}")
+    assert len(committed) > 100 and len(never) > 100, "the load did not run"
+
+    t1 = time.monotonic()
+    cluster.start()
+    conn = connect_when_up(cluster)
+    ids_in_table = {r[0] for r in conn.execute("SELECT id FROM orders").fetchall()}
+    assert set(committed) <= ids_in_table, "PostgreSQL lost committed rows (not the extension)"
+    assert not (set(never) & ids_in_table)
+    wait_all_numbers(smtp, "c", committed, timeout=60, what="every committed order mailed")
+    t_all = time.monotonic() - t1
+
+    def settled():
+        ev = conn.execute("SELECT count(*) FROM notify.event WHERE processed_at IS NULL").fetchone()[0]
+        st = status_counts(conn)
+        return ev == 0 and not st.get("queued") and not st.get("sending") and st
+    final = wait_until(settled, timeout=30, interval=0.25, what="queue drained")
+    time.sleep(0.5)
+    mails = smtp.snapshot()
+    distinct, dup_mid, dup_n, split = tally(mails, "c")
+    ghosts = sorted(distinct & set(never))
+    amb_mailed = sorted(distinct & set(ambiguous))
+    events = conn.execute("SELECT count(*) FROM notify.event WHERE event_type = 'order.created'").fetchone()[0]
+    extra = sorted(distinct - set(committed) - set(ambiguous))
+    print(f"[immediate] restarted; all {len(committed)} committed ids mailed {t_all:.1f} s after "
+          f"start; counted {len(mails)} mails, {len(distinct)} distinct ids, duplicates by "
+          f"Message-ID {dup_mid}, by id {dup_n}; rolled-back ids mailed {len(ghosts)}; ambiguous "
+          f"mailed {amb_mailed}; events {events}, rows in table {len(ids_in_table)}; messages {final}")
+
+    assert set(committed) <= distinct
+    assert not ghosts, f"rolled-back / uncommitted ids were mailed: {ghosts[:20]}"
+    assert not extra, f"mails for ids never inserted: {extra[:20]}"
+    assert not split
+    assert dup_mid == dup_n and dup_mid <= batch, f"{dup_mid} duplicates > batch_size {batch}"
+    assert final.get("sent") == events == len(ids_in_table), (final, events, len(ids_in_table))
+    assert not log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal")), \
+        log_lines(cluster)
+    conn.close()
