@@ -26,6 +26,8 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "fmgr.h"
+#include "mime.h"
 #include "notify_ext.h"
 #include "smtp.h"
 
@@ -464,4 +466,48 @@ send_due_messages(int batch_size, long *next_due_ms)
 	MemoryContextSwitchTo(batch);
 
 	return list_length(claimed);
+}
+
+PG_FUNCTION_INFO_V1(notify_test_smtp);
+
+/*
+ * notify_test_smtp: notify.test_smtp(name, send_to): what happens when the
+ * worker talks to this channel's server, step by step, from SQL.
+ */
+Datum
+notify_test_smtp(PG_FUNCTION_ARGS)
+{
+	MemoryContext fcxt = CurrentMemoryContext;
+	char	   *name = PG_ARGISNULL(0) ? "email" : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *send_to = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	SmtpConfig	cfg;
+	char	   *kind = NULL;
+	char	   *report;
+	char		errbuf[256];
+
+	if (send_to != NULL && !mime_check_address(send_to, errbuf, sizeof(errbuf)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("notify.test_smtp: send_to: %s", errbuf)));
+	memset(&cfg, 0, sizeof(cfg));
+	SPI_connect();
+	MemoryContextSwitchTo(fcxt);
+	prepare_plans();
+	if (!load_channel(name, &cfg, &kind))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("channel \"%s\" does not exist", name),
+				 errhint("Configure it with notify.set_smtp.")));
+	if (strcmp(kind, "smtp") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("channel \"%s\" is not an SMTP channel", name)));
+	SPI_finish();
+	MemoryContextSwitchTo(fcxt);
+
+	smtp_global_init();
+	report = smtp_test_connection(&cfg, send_to);
+	if (cfg.password)
+		explicit_bzero(cfg.password, strlen(cfg.password));
+	PG_RETURN_TEXT_P(cstring_to_text(report));
 }

@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "miscadmin.h"
+#include "lib/stringinfo.h"
 #include "utils/memutils.h"
 
 #include "mime.h"
@@ -33,7 +34,11 @@ struct SmtpClient
 	CURL	   *curl;
 	char		last_reply[512];	/* the server's last reply line */
 	bool		quitting;		/* QUIT sent: its 221 is not the answer we log */
+	StringInfo	transcript;		/* test_smtp: the dialogue, credentials hidden */
+	bool		in_auth;		/* between AUTH and its final reply */
 };
+
+static void record_transcript(SmtpClient *client, curl_infotype type, const char *data, size_t size);
 
 /* smtp_global_init: libcurl's process-wide setup, once, in the worker. */
 void
@@ -89,6 +94,8 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 
 	if (type == CURLINFO_HEADER_OUT && size >= 4 && pg_strncasecmp(data, "QUIT", 4) == 0)
 		client->quitting = true;
+	if (client->transcript != NULL)
+		record_transcript(client, type, data, size);
 	if (type != CURLINFO_HEADER_IN || size == 0 || client->quitting)
 		return 0;
 	/* a multi-line reply arrives line by line; keep the last one */
@@ -98,6 +105,51 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 	while (n > 0 && (client->last_reply[n - 1] == '\r' || client->last_reply[n - 1] == '\n'))
 		client->last_reply[--n] = '\0';
 	return 0;
+}
+
+/*
+ * record_transcript: test_smtp's step-by-step report.  What we send during
+ * AUTH (user name and password, however encoded) is never written: only
+ * that credentials were sent.
+ */
+static void
+record_transcript(SmtpClient *client, curl_infotype type, const char *data, size_t size)
+{
+	StringInfo	t = client->transcript;
+	size_t		n = size;
+
+	while (n > 0 && (data[n - 1] == '\r' || data[n - 1] == '\n'))
+		n--;
+	if (n == 0)
+		return;
+	switch (type)
+	{
+		case CURLINFO_TEXT:
+			appendStringInfo(t, "* %.*s\n", (int) n, data);
+			break;
+		case CURLINFO_HEADER_IN:
+			appendStringInfo(t, "< %.*s\n", (int) n, data);
+			/* the server's answer to AUTH ends the credentials exchange */
+			if (client->in_auth && n >= 4 && data[3] == ' ' && data[0] != '3')
+				client->in_auth = false;
+			break;
+		case CURLINFO_HEADER_OUT:
+			if (n >= 4 && pg_strncasecmp(data, "AUTH", 4) == 0)
+			{
+				const char *sp = memchr(data + 5, ' ', n > 5 ? n - 5 : 0);
+
+				client->in_auth = true;
+				appendStringInfo(t, "> %.*s (credentials hidden)\n",
+								 (int) (sp ? sp - data : (long) n), data);
+			}
+			else if (client->in_auth)
+				appendStringInfoString(t, "> (credentials hidden)\n");
+			else
+				appendStringInfo(t, "> %.*s\n", (int) n, data);
+			break;
+		default:
+			break;
+	}
 }
 
 /* progress_cb: abort a transfer when the worker is told to stop. */
@@ -359,4 +411,77 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 		result->outcome = SEND_FAILED;
 	else
 		result->outcome = SEND_RETRY;
+}
+
+/*
+ * smtp_test_connection: notify.test_smtp's work.  Connects, greets,
+ * negotiates TLS and authenticates (libcurl's connect phase for SMTP), or,
+ * with send_to, sends a short test message; returns the dialogue and the
+ * outcome, never the password.  Bounded by the transport's timeouts.
+ */
+char *
+smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
+{
+	SmtpClient *client = smtp_client_create(cfg);
+	StringInfoData t;
+	SendResult	result;
+
+	initStringInfo(&t);
+	client->transcript = &t;
+	appendStringInfo(&t, "channel \"%s\": %s, tls %s, %s\n", cfg->name, cfg->url,
+					 cfg->tls ? cfg->tls : "verify",
+					 cfg->username ? psprintf("user %s, password %s", cfg->username,
+											 cfg->password ? "set" : "not set") : "no authentication");
+	PG_TRY();
+	{
+		if (send_to != NULL)
+		{
+			OutMessage	msg;
+
+			memset(&msg, 0, sizeof(msg));
+			msg.id = 0;
+			msg.address = send_to;
+			msg.subject = "notify_ext test message";
+			msg.text_body = psprintf("This is a test message sent by notify.test_smtp() through channel \"%s\".\n",
+									 cfg->name);
+			smtp_send(client, &msg, &result);
+		}
+		else
+		{
+			char		curl_err[CURL_ERROR_SIZE];
+			CURLcode	res;
+			long		code = 0;
+
+			memset(&result, 0, sizeof(result));
+			curl_err[0] = '\0';
+			set_common_options(client);
+			curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, curl_err);
+			curl_easy_setopt(client->curl, CURLOPT_CONNECT_ONLY, 1L);
+			res = curl_easy_perform(client->curl);
+			curl_easy_getinfo(client->curl, CURLINFO_RESPONSE_CODE, &code);
+			curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, NULL);
+			result.code = (int) code;
+			if (res == CURLE_OK)
+				result.outcome = SEND_SENT;
+			else
+			{
+				result.outcome = SEND_RETRY;
+				snprintf(result.error, sizeof(result.error), "%s",
+						 curl_err[0] ? curl_err : curl_easy_strerror(res));
+			}
+		}
+	}
+	PG_FINALLY();
+	{
+		client->transcript = NULL;
+		smtp_client_destroy(client);
+	}
+	PG_END_TRY();
+
+	if (result.outcome == SEND_SENT)
+		appendStringInfo(&t, "OK: %s\n", send_to ? psprintf("test message accepted for %s", send_to)
+						 : cfg->username ? "connected, greeted and authenticated" : "connected and greeted");
+	else
+		appendStringInfo(&t, "FAILED: %s\n", result.error);
+	return t.data;
 }

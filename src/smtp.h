@@ -65,5 +65,6 @@ extern SmtpClient *smtp_client_create(const SmtpConfig *cfg);
 extern bool smtp_client_matches(const SmtpClient *client, const SmtpConfig *cfg);
 extern void smtp_client_destroy(SmtpClient *client);
 extern void smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result);
+extern char *smtp_test_connection(const SmtpConfig *cfg, const char *send_to);
 
 #endif							/* NOTIFY_SMTP_H */

@@ -60,3 +60,9 @@ CREATE VIEW notify.channels AS
     SELECT c.name, c.kind, c.url, c.from_address, c.username,
            (s.password IS NOT NULL) AS has_password, c.tls, c.rate_per_minute, c.updated_at
       FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name;
+
+-- Connect, greet, negotiate TLS, authenticate (and send a test message when send_to is
+-- given): the step-by-step dialogue, credentials hidden. SECURITY DEFINER to read the secret.
+CREATE FUNCTION notify.test_smtp(name text DEFAULT 'email', send_to text DEFAULT NULL) RETURNS text
+    LANGUAGE c SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'notify_test_smtp';

@@ -5,7 +5,15 @@ import time
 import psycopg
 import pytest
 
-from harness import wait_until
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+
+from harness import free_port, wait_until
+
+
+class Sink:
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
 
 
 def rule(db, uniq):
@@ -105,3 +113,47 @@ def test_worker_status(db):
                              "WHERE backend_type = 'notify_ext worker'").fetchone()[0]
     assert state in ("idle", "sending", "fanning out")
     assert queued >= 0 and sending >= 0 and sent_last_minute >= 0
+
+
+def test_test_smtp_reports_steps_and_never_the_password(db, smtp, uniq):
+    report = db.execute("SELECT notify.test_smtp()").fetchone()[0]
+    print(report)
+    assert "EHLO" in report and report.rstrip().endswith("OK: connected and greeted")
+
+    to = f"probe_{uniq}@example.com"
+    report = db.execute("SELECT notify.test_smtp('email', %s)", (to,)).fetchone()[0]
+    assert f"OK: test message accepted for {to}" in report
+    [mail] = smtp.wait_for(to)
+    assert mail.subject == "notify_ext test message"
+
+    # a server that requires AUTH (PLAIN/LOGIN over the loopback, no TLS for the test)
+    secret = f"S3cret-{uniq}"
+    accepted = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = auth_data.login == b"erp" and auth_data.password == secret.encode()
+        accepted.append(ok)
+        return AuthResult(success=ok)
+
+    auth_port = free_port()
+    ctl = Controller(Sink(), hostname="127.0.0.1", port=auth_port, authenticator=authenticator,
+                     auth_required=True, auth_require_tls=False)
+    ctl.start()
+    try:
+        for password, expect in ((secret, "OK: connected"), (secret + "-wrong", "FAILED")):
+            db.execute("SELECT notify.set_smtp(%s, 'erp@example.com', 'erp', %s, tls => 'off', name => %s)",
+                       (f"smtp://127.0.0.1:{auth_port}", password, f"auth_{uniq}"))
+            report = db.execute("SELECT notify.test_smtp(%s)", (f"auth_{uniq}",)).fetchone()[0]
+            print(report)
+            assert expect in report
+            assert "password set" in report and "(credentials hidden)" in report
+            assert password not in report and secret not in report
+    finally:
+        ctl.stop()
+    assert True in accepted and False in accepted    # the server really checked both
+
+    db.execute("SELECT notify.set_smtp('smtp://127.0.0.1:9', 'erp@example.com', tls => 'off', name => %s)",
+               (f"closed_{uniq}",))
+    t0 = time.monotonic()
+    report = db.execute("SELECT notify.test_smtp(%s)", (f"closed_{uniq}",)).fetchone()[0]
+    assert "FAILED" in report and time.monotonic() - t0 < 15
