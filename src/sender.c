@@ -40,6 +40,7 @@ typedef struct ClaimedMessage
 	TimestampTz started;
 	TimestampTz finished;
 	bool		tried;			/* false: left to the lease (worker stopping) */
+	bool		recorded;		/* its outcome is committed */
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
@@ -269,8 +270,9 @@ record_results(List *claimed)
 		char		an[6];
 		int			ret;
 
-		if (!m->tried)
+		if (!m->tried || m->recorded)
 			continue;
+		m->recorded = true;
 
 		switch (m->result.outcome)
 		{
@@ -349,6 +351,14 @@ load_attachments(ClaimedMessage *m)
 	SPI_freetuptable(SPI_tuptable);
 }
 
+/*
+ * How many sent messages may wait for their outcome to be committed.  A
+ * crash (SIGKILL, power loss) between a server's 250 and that commit sends
+ * them again; one commit per RECORD_EVERY messages costs little next to
+ * the SMTP exchanges themselves.
+ */
+#define RECORD_EVERY 16
+
 /* begin_work: a transaction with SPI and a snapshot, as worker_spi does it. */
 static void
 begin_work(const char *activity)
@@ -372,6 +382,24 @@ end_work(void)
 }
 
 /*
+ * commit_results: record, in a transaction of their own, the outcomes not
+ * yet recorded.  Interrupts are held: what was sent must be recorded even
+ * if a SIGTERM arrived meanwhile, or a restart would send it again.
+ */
+static void
+commit_results(List *claimed, MemoryContext batch)
+{
+	HOLD_INTERRUPTS();
+	begin_work("notify_ext: recording results");
+	MemoryContextSwitchTo(batch);
+	record_results(claimed);
+	MemoryContextSwitchTo(batch);
+	end_work();
+	RESUME_INTERRUPTS();
+	MemoryContextSwitchTo(batch);
+}
+
+/*
  * send_due_messages: one claim-send-record round.  Returns how many
  * messages were claimed; *next_due_ms is set to when the next queued
  * message falls due (-1 when none), so the worker sleeps no longer.
@@ -384,6 +412,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 	List	   *configs = NIL;	/* parallel to claimed: SmtpConfig or NULL */
 	ListCell   *lc,
 			   *cc;
+	int			unrecorded = 0;
 	MemoryContext batch = CurrentMemoryContext;
 	bool		isnull;
 	Datum		due;
@@ -434,20 +463,14 @@ send_due_messages(int batch_size, long *next_due_ms)
 				smtp_send(find_client(m->channel, cfg), &m->out, &m->result);
 			m->finished = GetCurrentTimestamp();
 			m->tried = true;
+			/* a crash resends what is sent but not recorded: keep that window small */
+			if (++unrecorded >= RECORD_EVERY)
+			{
+				commit_results(claimed, batch);
+				unrecorded = 0;
+			}
 		}
-
-		/*
-		 * What was sent must be recorded even if a SIGTERM arrived meanwhile:
-		 * dying here would send those messages a second time after restart.
-		 */
-		HOLD_INTERRUPTS();
-		begin_work("notify_ext: recording results");
-		MemoryContextSwitchTo(batch);
-		record_results(claimed);
-		MemoryContextSwitchTo(batch);
-		end_work();
-		RESUME_INTERRUPTS();
-		MemoryContextSwitchTo(batch);
+		commit_results(claimed, batch);
 		notify_set_worker_state("idle");
 	}
 
