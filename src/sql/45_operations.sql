@@ -6,6 +6,21 @@ CREATE FUNCTION notify._wake_worker() RETURNS void
 CREATE FUNCTION notify._worker_shmem(OUT pid integer, OUT state text, OUT last_error text)
     LANGUAGE c AS 'MODULE_PATHNAME', 'notify_worker_shmem';
 
+-- The status of a message, locked for the caller's change; an unknown id is an error.
+CREATE FUNCTION notify._lock_message(message_id bigint) RETURNS text
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT m.status INTO st FROM notify.message m WHERE m.id = _lock_message.message_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'message % does not exist', coalesce(message_id::text, 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN st;
+END
+$$;
+
 /*
  * SECURITY DEFINER: notify_admin reads the queue but does not write it;
  * these functions are the only changes it may make, each checked.
@@ -13,13 +28,8 @@ CREATE FUNCTION notify._worker_shmem(OUT pid integer, OUT state text, OUT last_e
 CREATE FUNCTION notify.retry(message_id bigint) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    st text;
+    st text := notify._lock_message(message_id);
 BEGIN
-    SELECT m.status INTO st FROM notify.message m WHERE m.id = retry.message_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'message % does not exist', coalesce(message_id::text, 'NULL')
-            USING ERRCODE = 'undefined_object';
-    END IF;
     IF st NOT IN ('failed', 'dead') THEN
         RAISE EXCEPTION 'message % is %, only failed or dead messages can be retried', message_id, st
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -36,13 +46,8 @@ $$;
 CREATE FUNCTION notify.cancel(message_id bigint) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    st text;
+    st text := notify._lock_message(message_id);
 BEGIN
-    SELECT m.status INTO st FROM notify.message m WHERE m.id = cancel.message_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'message % does not exist', coalesce(message_id::text, 'NULL')
-            USING ERRCODE = 'undefined_object';
-    END IF;
     IF st = 'sending' THEN
         RAISE EXCEPTION 'message % is being sent and cannot be cancelled now', message_id
             USING ERRCODE = 'object_in_use',
