@@ -252,8 +252,9 @@ def test_worker_killed_while_sending(env, how):
         while True:
             conn = connect_when_up(cluster)
             try:
-                new_pid = wait_until(lambda: worker_pid(conn), timeout=30, interval=0.2,
-                                     what="worker restarted")
+                # the killed worker's pid can still show until the postmaster notices
+                new_pid = wait_until(lambda: (p := worker_pid(conn)) and p != old_pid and p,
+                                     timeout=30, interval=0.2, what="worker restarted")
                 break
             except psycopg.OperationalError:
                 conn.close()
