@@ -35,6 +35,10 @@ int			notify_retry_backoff = 10;
 int			notify_lease = 60;
 int			notify_retention = 30 * 24 * 3600;
 char	   *notify_actor = NULL;
+int			notify_workers = 2;
+int			notify_smtp_timeout = 60;
+int			notify_smtp_data_timeout = 600;
+char	   *notify_tls_ca_file = NULL;
 
 NotifyShared *notify_shared = NULL;
 
@@ -159,13 +163,59 @@ define_settings(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	DefineCustomIntVariable("notify.workers",
+							"Worker processes, each with its own SMTP connection, sending in parallel.",
+							"Each takes a background worker slot (max_worker_processes); connections are kept open and reused across messages.",
+							&notify_workers,
+							2, 1, NOTIFY_MAX_WORKERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.smtp_timeout",
+							"How long the worker waits for a server's reply to a command (greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA) before it gives up and retries the message later.",
+							NULL,
+							&notify_smtp_timeout,
+							60, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.smtp_data_timeout",
+							"How long the worker waits for the reply after the end of a message's data (RFC 5321 suggests 10 minutes).",
+							"No reply in time is an unknown outcome: the server may have accepted the message, so the retry may deliver it twice, with the same Message-ID.",
+							&notify_smtp_data_timeout,
+							600, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("notify.tls_ca_file",
+							   "File of CA certificates the worker trusts for tls = 'verify'; empty means the system's store.",
+							   NULL,
+							   &notify_tls_ca_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("notify");
 }
 
-/* register_worker: the one static worker, restarted by the postmaster after a crash. */
+/*
+ * register_worker: notify.workers static workers, each restarted by the
+ * postmaster after a crash.  Several processes rather than one driving
+ * several connections: libcurl waits for the reply to an SMTP message's
+ * final dot in a blocking call even under its multi interface (curl issue
+ * 8555), so one process would send one message at a time whatever it
+ * tried; separate processes also keep a stuck server from stopping all
+ * sending.
+ */
 static void
 register_worker(void)
 {
+	for (int i = 0; i < notify_workers; i++)
+	{
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
@@ -175,10 +225,11 @@ register_worker(void)
 	worker.bgw_restart_time = 10;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "notify_ext");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "notify_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "notify_ext worker");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "notify_ext worker %d", i + 1);
 	snprintf(worker.bgw_type, BGW_MAXLEN, "notify_ext worker");
-	worker.bgw_main_arg = (Datum) 0;
+	worker.bgw_main_arg = Int32GetDatum(i);
 	RegisterBackgroundWorker(&worker);
+	}
 }
 
 /* notify_shmem_request: room for the shared state. */
@@ -205,24 +256,92 @@ notify_shmem_startup(void)
 	{
 		memset(notify_shared, 0, sizeof(NotifyShared));
 		SpinLockInit(&notify_shared->mutex);
-		strlcpy(notify_shared->state, "starting", sizeof(notify_shared->state));
+		for (int i = 0; i < NOTIFY_MAX_WORKERS; i++)
+			strlcpy(notify_shared->workers[i].state, "starting", sizeof(notify_shared->workers[i].state));
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* notify_wake_worker: set the worker's latch now, if it is running. */
+/* notify_wake_workers_except: set the latch of every running worker but one. */
 void
-notify_wake_worker(void)
+notify_wake_workers_except(int slot)
 {
-	Latch	   *latch = NULL;
+	Latch	   *latches[NOTIFY_MAX_WORKERS];
+	int			n = 0;
 
 	if (notify_shared == NULL)
 		return;
 	SpinLockAcquire(&notify_shared->mutex);
-	latch = notify_shared->worker_latch;
+	for (int i = 0; i < NOTIFY_MAX_WORKERS; i++)
+		if (i != slot && notify_shared->workers[i].latch != NULL)
+			latches[n++] = notify_shared->workers[i].latch;
 	SpinLockRelease(&notify_shared->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+	for (int i = 0; i < n; i++)
+		SetLatch(latches[i]);
+}
+
+/* notify_wake_worker: set every worker's latch now. */
+void
+notify_wake_worker(void)
+{
+	notify_wake_workers_except(-1);
+}
+
+/*
+ * notify_rate_admit: whether a message of a rate-limited channel may go
+ * now.  Messages are spaced 60 / rate_per_minute seconds apart over all
+ * workers; one that comes before its slot is told when (*until), and the
+ * slot is taken either way.  More rate-limited channels than there are
+ * shared slots are admitted unlimited, with a warning.
+ */
+bool
+notify_rate_admit(const char *channel, int rate_per_minute, TimestampTz now, TimestampTz *until)
+{
+	int64		interval = (int64) (60.0 * USECS_PER_SEC / rate_per_minute);
+	NotifyRateSlot *slot = NULL;
+	bool		admit;
+
+	if (notify_shared == NULL)
+		return true;
+	SpinLockAcquire(&notify_shared->mutex);
+	for (int i = 0; i < NOTIFY_MAX_RATED_CHANNELS; i++)
+	{
+		NotifyRateSlot *r = &notify_shared->rates[i];
+
+		if (strncmp(r->channel, channel, sizeof(r->channel)) == 0)
+		{
+			slot = r;
+			break;
+		}
+		if (slot == NULL && r->channel[0] == '\0')
+			slot = r;
+	}
+	if (slot == NULL)
+	{
+		SpinLockRelease(&notify_shared->mutex);
+		ereport(WARNING,
+				(errmsg("notify_ext: more than %d rate-limited channels; channel \"%s\" is sent without its limit",
+						NOTIFY_MAX_RATED_CHANNELS, channel)));
+		return true;
+	}
+	if (slot->channel[0] == '\0')
+	{
+		strlcpy(slot->channel, channel, sizeof(slot->channel));
+		slot->next_slot = 0;
+	}
+	if (slot->next_slot <= now)
+	{
+		slot->next_slot = now + interval;
+		admit = true;
+	}
+	else
+	{
+		*until = slot->next_slot;
+		slot->next_slot += interval;
+		admit = false;
+	}
+	SpinLockRelease(&notify_shared->mutex);
+	return admit;
 }
 
 /*
@@ -265,14 +384,15 @@ notify_xact_callback(XactEvent event, void *arg)
 	}
 }
 
-/* notify_set_worker_state: what the worker does now, shown by worker_status(). */
+/* notify_set_worker_state: what this worker does now, shown by worker_status(). */
 void
 notify_set_worker_state(const char *state)
 {
-	if (notify_shared == NULL)
+	if (notify_shared == NULL || notify_worker_slot < 0)
 		return;
 	SpinLockAcquire(&notify_shared->mutex);
-	strlcpy(notify_shared->state, state, sizeof(notify_shared->state));
+	strlcpy(notify_shared->workers[notify_worker_slot].state, state,
+			sizeof(notify_shared->workers[notify_worker_slot].state));
 	SpinLockRelease(&notify_shared->mutex);
 }
 
@@ -313,42 +433,44 @@ notify_wake(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* notify_worker_shmem: the worker's pid, state and last error, as it published them. */
+/* notify_worker_shmem: each worker's pid, state and last error, as it published them. */
 Datum
 notify_worker_shmem(PG_FUNCTION_ARGS)
 {
-	TupleDesc	tupdesc;
-	Datum		values[3];
-	bool		nulls[3] = {false, false, false};
-	pid_t		pid = 0;
-	char		state[128];
-	char		last_error[sizeof(((NotifyShared *) 0)->last_error)];
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	NotifyWorkerSlot slots[NOTIFY_MAX_WORKERS];
+	int			n = 0;
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
+	InitMaterializedSRF(fcinfo, 0);
 	if (notify_shared == NULL)
 	{
-		strlcpy(state, "not running: notify_ext is not in shared_preload_libraries", sizeof(state));
-		last_error[0] = '\0';
+		Datum		values[4] = {0, 0, 0, 0};
+		bool		nulls[4] = {true, true, false, true};
+
+		values[2] = CStringGetTextDatum("not running: notify_ext is not in shared_preload_libraries");
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		return (Datum) 0;
 	}
-	else
+	n = Min(notify_workers, NOTIFY_MAX_WORKERS);
+	SpinLockAcquire(&notify_shared->mutex);
+	memcpy(slots, notify_shared->workers, sizeof(NotifyWorkerSlot) * n);
+	SpinLockRelease(&notify_shared->mutex);
+	for (int i = 0; i < n; i++)
 	{
-		SpinLockAcquire(&notify_shared->mutex);
-		pid = notify_shared->worker_pid;
-		strlcpy(state, notify_shared->state, sizeof(state));
-		strlcpy(last_error, notify_shared->last_error, sizeof(last_error));
-		SpinLockRelease(&notify_shared->mutex);
-		if (pid == 0)
-			strlcpy(state, "not running", sizeof(state));
+		Datum		values[4];
+		bool		nulls[4] = {false, false, false, false};
+
+		values[0] = Int32GetDatum(i + 1);
+		if (slots[i].pid != 0)
+			values[1] = Int32GetDatum((int32) slots[i].pid);
+		else
+			nulls[1] = true;
+		values[2] = CStringGetTextDatum(slots[i].pid != 0 ? slots[i].state : "not running");
+		if (slots[i].last_error[0])
+			values[3] = CStringGetTextDatum(slots[i].last_error);
+		else
+			nulls[3] = true;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
-	if (pid != 0)
-		values[0] = Int32GetDatum((int32) pid);
-	else
-		nulls[0] = true;
-	values[1] = CStringGetTextDatum(state);
-	if (last_error[0])
-		values[2] = CStringGetTextDatum(last_error);
-	else
-		nulls[2] = true;
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+	return (Datum) 0;
 }

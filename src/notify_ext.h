@@ -14,6 +14,7 @@
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
+#include "utils/timestamp.h"
 
 /* Settings (GUCs), defined in notify_ext.c */
 extern char *notify_database;
@@ -25,18 +26,41 @@ extern int	notify_retry_backoff;
 extern int	notify_lease;
 extern int	notify_retention;
 extern char *notify_actor;
+extern int	notify_workers;
+extern int	notify_smtp_timeout;
+extern int	notify_smtp_data_timeout;
+extern char *notify_tls_ca_file;
+
+/* The most workers notify.workers may ask for. */
+#define NOTIFY_MAX_WORKERS 32
+/* Rate-limited channels whose next slot is shared between the workers. */
+#define NOTIFY_MAX_RATED_CHANNELS 32
+
+/* One worker's public face: backends wake it, worker_status() shows it. */
+typedef struct NotifyWorkerSlot
+{
+	pid_t		pid;			/* 0: not running */
+	Latch	   *latch;
+	char		state[32];		/* what the worker is doing, for humans */
+	char		last_error[256];
+} NotifyWorkerSlot;
+
+/* A rate-limited channel's next free slot, the same for every worker. */
+typedef struct NotifyRateSlot
+{
+	char		channel[64];	/* empty: unused */
+	TimestampTz next_slot;
+} NotifyRateSlot;
 
 /*
- * Shared state between the ERP's backends and the worker. Backends only
- * need the worker's latch, to wake it when they commit events.
+ * Shared state between the ERP's backends and the workers. Backends only
+ * need the workers' latches, to wake them when they commit events.
  */
 typedef struct NotifyShared
 {
 	slock_t		mutex;
-	pid_t		worker_pid;
-	Latch	   *worker_latch;
-	char		state[32];		/* what the worker is doing, for humans */
-	char		last_error[256];
+	NotifyWorkerSlot workers[NOTIFY_MAX_WORKERS];
+	NotifyRateSlot rates[NOTIFY_MAX_RATED_CHANNELS];
 } NotifyShared;
 
 extern NotifyShared *notify_shared;
@@ -49,7 +73,13 @@ extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char 
 /* notify_ext.c */
 extern void notify_wake_worker(void);
 extern void notify_wake_worker_at_commit(void);
+extern void notify_wake_workers_except(int slot);
 extern void notify_set_worker_state(const char *state);
+extern bool notify_rate_admit(const char *channel, int rate_per_minute, TimestampTz now,
+							  TimestampTz *until);
+
+/* worker.c: which worker this process is (0 .. notify.workers - 1), -1 in a backend */
+extern int	notify_worker_slot;
 
 /* worker.c */
 extern PGDLLEXPORT void notify_worker_main(Datum main_arg);
@@ -57,7 +87,12 @@ extern PGDLLEXPORT void notify_worker_main(Datum main_arg);
 /* fanout.c */
 extern int	fanout_pending_events(int batch_size);
 
-/* sender.c */
+/*
+ * sender.c.  A worker claims this many messages at a time, so that a burst
+ * is shared between the workers rather than taken by the first to wake;
+ * their outcomes are committed together.
+ */
+#define SEND_CLAIM_SIZE 16
 extern int	send_due_messages(int batch_size, long *next_due_ms);
 extern void sender_shutdown(void);
 

@@ -21,6 +21,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -44,17 +45,19 @@ typedef struct ClaimedMessage
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
+	SmtpConfig *cfg;			/* its channel; NULL when unusable */
+	TimestampTz defer_until;	/* rate limit: back to the queue until then */
 	SendResult	result;
 } ClaimedMessage;
 
-/* One open client per channel, kept between batches for connection reuse. */
-typedef struct ChannelClient
+/* A channel's settings, loaded once per batch. */
+typedef struct BatchChannel
 {
 	char	   *name;
-	SmtpClient *client;
-} ChannelClient;
+	SmtpConfig *cfg;			/* NULL: missing, or not an SMTP channel */
+} BatchChannel;
 
-static List *clients = NIL;		/* of ChannelClient, in TopMemoryContext */
+static SmtpPool *pool = NULL;	/* in TopMemoryContext */
 
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr channel_plan = NULL;
@@ -62,12 +65,14 @@ static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr attempt_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr attachments_plan = NULL;
+static SPIPlanPtr defer_plan = NULL;
+static SPIPlanPtr renew_plan = NULL;
 
 /* prepare_plans: the sender's statements. */
 static void
 prepare_plans(void)
 {
-	Oid			claim_t[2] = {INT4OID, INT4OID};
+	Oid			claim_t[4] = {INT4OID, INT4OID, INT4OID, INT4OID};
 	Oid			text_t[1] = {TEXTOID};
 	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
 	Oid			attempt_t[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TEXTOID};
@@ -86,17 +91,24 @@ prepare_plans(void)
 						   "  SELECT m.id FROM notify.message m"
 						   "   WHERE (m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now())"
 						   "      OR (m.status = 'sending' AND m.lease_until < pg_catalog.now())"
-						   "   ORDER BY m.next_attempt_at, m.id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+						   "   ORDER BY m.next_attempt_at, m.id"
+						   /* a fair share of what is due, so a burst is spread over the workers */
+						   "   LIMIT (SELECT GREATEST(1, pg_catalog.ceil(pg_catalog.count(*)::float8 / $4)::integer)"
+						   "            FROM (SELECT 1 FROM notify.message q"
+						   "                   WHERE q.status = 'queued' AND q.next_attempt_at <= pg_catalog.now()"
+						   "                   LIMIT $1 * $4) x)"
+						   "   FOR UPDATE SKIP LOCKED) "
 						   "UPDATE notify.message m SET status = 'sending', attempts = m.attempts + 1,"
-						   "       lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
+						   "       lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2),"
+						   "       claimed_by = $3"
 						   "  FROM due WHERE m.id = due.id "
 						   "RETURNING m.id, m.address, m.display_name, m.subject, m.text_body, m.html_body,"
 						   "          m.channel, m.attempts, m.event_id, m.rule_id,"
 						   "          EXISTS (SELECT 1 FROM notify.attachment a"
 						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
-						   2, claim_t);
+						   4, claim_t);
 	channel_plan = notify_keep_plan(
-							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls"
+							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls, c.rate_per_minute"
 							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
 							 " WHERE c.name = $1",
 							 1, text_t);
@@ -129,51 +141,34 @@ prepare_plans(void)
 									 " WHERE a.event_id = $1 AND a.rule_id = $2 ORDER BY a.id",
 									 2, att_t);
 	}
+	{
+		Oid			defer_t[3] = {INT8OID, TIMESTAMPTZOID, INT4OID};
+		Oid			renew_t[2] = {INT8ARRAYOID, INT4OID};
+
+		/* a message held back by its channel's rate: this claim does not count */
+		defer_plan = notify_keep_plan(
+							   "UPDATE notify.message SET status = 'queued', attempts = attempts - 1,"
+							   "       next_attempt_at = $2, lease_until = NULL"
+							   " WHERE id = $1 AND status = 'sending' AND attempts = $3",
+							   3, defer_t);
+		/* messages still ours, in flight or waiting their turn: keep them ours */
+		renew_plan = notify_keep_plan(
+							   "UPDATE notify.message SET lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
+							   " WHERE id = ANY ($1) AND status = 'sending'",
+							   2, renew_t);
+	}
 	next_due_plan = notify_keep_plan(
 							  "SELECT pg_catalog.date_part('epoch', pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
 							  "  FROM notify.message m WHERE m.status = 'queued'",
 							  0, NULL);
 }
 
-/* find_client: the open client of a channel, recreated if its settings changed. */
-static SmtpClient *
-find_client(const char *channel, SmtpConfig *cfg)
-{
-	ListCell   *lc;
-	ChannelClient *cc;
-	MemoryContext old;
-
-	foreach(lc, clients)
-	{
-		cc = (ChannelClient *) lfirst(lc);
-		if (strcmp(cc->name, channel) == 0)
-		{
-			if (smtp_client_matches(cc->client, cfg))
-				return cc->client;
-			smtp_client_destroy(cc->client);
-			cc->client = smtp_client_create(cfg);
-			return cc->client;
-		}
-	}
-	old = MemoryContextSwitchTo(TopMemoryContext);
-	cc = palloc0(sizeof(ChannelClient));
-	cc->name = pstrdup(channel);
-	cc->client = smtp_client_create(cfg);
-	clients = lappend(clients, cc);
-	MemoryContextSwitchTo(old);
-	return cc->client;
-}
-
 /* sender_shutdown: close every connection (worker exit, extension dropped). */
 void
 sender_shutdown(void)
 {
-	ListCell   *lc;
-
-	foreach(lc, clients)
-		smtp_client_destroy(((ChannelClient *) lfirst(lc))->client);
-	list_free_deep(clients);
-	clients = NIL;
+	smtp_pool_destroy(pool);
+	pool = NULL;
 }
 
 /* load_channel: a channel's settings, palloc'd; false when it does not exist. */
@@ -195,6 +190,12 @@ load_channel(const char *name, SmtpConfig *cfg, char **kind)
 	cfg->username = SPI_getvalue(tup, desc, 4);
 	cfg->password = SPI_getvalue(tup, desc, 5);
 	cfg->tls = SPI_getvalue(tup, desc, 6);
+	{
+		bool		isnull;
+		Datum		rate = SPI_getbinval(tup, desc, 7, &isnull);
+
+		cfg->rate_per_minute = isnull ? 0 : DatumGetInt32(rate);
+	}
 	return true;
 }
 
@@ -202,7 +203,8 @@ load_channel(const char *name, SmtpConfig *cfg, char **kind)
 static List *
 claim_messages(int batch_size)
 {
-	Datum		args[2] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease)};
+	Datum		args[4] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease),
+	Int32GetDatum(notify_worker_slot), Int32GetDatum(notify_workers)};
 	uint64		n = notify_run_plan(claim_plan, args, NULL, false, 0, SPI_OK_UPDATE_RETURNING,
 									"claiming messages");
 	List	   *claimed = NIL;
@@ -274,6 +276,18 @@ record_results(List *claimed)
 			continue;
 		m->recorded = true;
 
+		if (m->defer_until != 0)
+		{
+			Datum		d[3] = {Int64GetDatum(m->out.id), TimestampTzGetDatum(m->defer_until),
+			Int32GetDatum(m->attempts)};
+
+			ret = SPI_execute_plan(defer_plan, d, NULL, false, 0);
+			if (ret != SPI_OK_UPDATE)
+				elog(ERROR, "could not put message %lld back in the queue: %s",
+					 m->out.id, SPI_result_code_string(ret));
+			continue;
+		}
+
 		switch (m->result.outcome)
 		{
 			case SEND_SENT:
@@ -281,6 +295,10 @@ record_results(List *claimed)
 				break;
 			case SEND_FAILED:
 				status = outcome = "failed";
+				break;
+			case SEND_UNKNOWN:
+				status = "retry";
+				outcome = "unknown";
 				break;
 			default:
 				status = outcome = "retry";
@@ -382,21 +400,105 @@ end_work(void)
 }
 
 /*
- * commit_results: record, in a transaction of their own, the outcomes not
- * yet recorded.  Interrupts are held: what was sent must be recorded even
- * if a SIGTERM arrived meanwhile, or a restart would send it again.
+ * renew_leases: the messages of the batch still in our hands (in flight
+ * or waiting for a free connection) keep their lease while we live; a
+ * dead worker stops renewing, and its messages return to the queue.
  */
 static void
-commit_results(List *claimed, MemoryContext batch)
+renew_leases(List *claimed)
+{
+	ListCell   *lc;
+	Datum	   *ids = palloc(sizeof(Datum) * Max(list_length(claimed), 1));
+	int			n = 0;
+	Datum		args[2];
+	int			ret;
+
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+
+		if (!m->recorded)
+			ids[n++] = Int64GetDatum(m->out.id);
+	}
+	if (n == 0)
+		return;
+	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, sizeof(int64), true, TYPALIGN_DOUBLE));
+	args[1] = Int32GetDatum(notify_lease);
+	ret = SPI_execute_plan(renew_plan, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not renew the lease of messages being sent: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * commit_results: record, in a transaction of their own, the outcomes not
+ * yet recorded, and renew the leases of the rest when asked.  Interrupts
+ * are held: what was sent must be recorded even if a SIGTERM arrived
+ * meanwhile, or a restart would send it again.
+ */
+static void
+commit_results(List *claimed, MemoryContext batch, bool renew)
 {
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
 	record_results(claimed);
+	if (renew)
+		renew_leases(claimed);
 	MemoryContextSwitchTo(batch);
 	end_work();
 	RESUME_INTERRUPTS();
 	MemoryContextSwitchTo(batch);
+}
+
+/* batch_channel: a channel's settings, looked up once per batch. */
+static SmtpConfig *
+batch_channel(List **channels, const char *name)
+{
+	ListCell   *lc;
+	BatchChannel *bc;
+	SmtpConfig *cfg = palloc0(sizeof(SmtpConfig));
+	char	   *kind = NULL;
+
+	foreach(lc, *channels)
+	{
+		bc = (BatchChannel *) lfirst(lc);
+		if (strcmp(bc->name, name) == 0)
+			return bc->cfg;
+	}
+	if (!load_channel(name, cfg, &kind) || strcmp(kind, "smtp") != 0)
+		cfg = NULL;
+	bc = palloc0(sizeof(BatchChannel));
+	bc->name = pstrdup(name);
+	bc->cfg = cfg;
+	*channels = lappend(*channels, bc);
+	return cfg;
+}
+
+/*
+ * start_message: put one claimed message in flight, or settle it at once
+ * (unusable channel, held back by the rate limit, invalid before sending).
+ * Returns true when it is in flight.
+ */
+static bool
+start_message(ClaimedMessage *m)
+{
+	TimestampTz until = 0;
+
+	m->started = GetCurrentTimestamp();
+	if (m->cfg == NULL)
+	{
+		m->result.outcome = SEND_RETRY;
+		snprintf(m->result.error, sizeof(m->result.error),
+				 "channel \"%s\" does not exist or is not an SMTP channel", m->channel);
+	}
+	else if (m->cfg->rate_per_minute > 0 &&
+			 !notify_rate_admit(m->channel, m->cfg->rate_per_minute, m->started, &until))
+		m->defer_until = until;
+	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m))
+		return true;
+	m->finished = GetCurrentTimestamp();
+	m->tried = true;
+	return false;
 }
 
 /*
@@ -404,20 +506,29 @@ commit_results(List *claimed, MemoryContext batch)
  * messages were claimed; *next_due_ms is set to when the next queued
  * message falls due (-1 when none), so the worker sleeps no longer.
  * Called outside any transaction; memory is the caller's to reset.
+ *
+ * One message is in flight at a time per worker (notify.workers workers
+ * send in parallel); outcomes are committed every RECORD_EVERY messages,
+ * and leases of what is still in our hands renewed every third of
+ * notify.lease.
  */
 int
 send_due_messages(int batch_size, long *next_due_ms)
 {
 	List	   *claimed;
-	List	   *configs = NIL;	/* parallel to claimed: SmtpConfig or NULL */
-	ListCell   *lc,
-			   *cc;
+	List	   *channels = NIL;
+	ListCell   *lc;
+	ListCell   *next;
 	int			unrecorded = 0;
 	MemoryContext batch = CurrentMemoryContext;
 	bool		isnull;
 	Datum		due;
+	TimestampTz last_renew;
 
 	*next_due_ms = -1;
+
+	if (pool == NULL)
+		pool = smtp_pool_create();
 
 	begin_work("notify_ext: claiming messages");
 	prepare_plans();
@@ -426,51 +537,59 @@ send_due_messages(int batch_size, long *next_due_ms)
 	foreach(lc, claimed)
 	{
 		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
-		SmtpConfig *cfg = palloc0(sizeof(SmtpConfig));
-		char	   *kind = NULL;
 
 		MemoryContextSwitchTo(batch);
-		if (!load_channel(m->channel, cfg, &kind) || strcmp(kind, "smtp") != 0)
-			cfg = NULL;
+		m->cfg = batch_channel(&channels, m->channel);
 		if (m->has_attachments)
 			load_attachments(m);
-		configs = lappend(configs, cfg);
 	}
 	MemoryContextSwitchTo(batch);
 	end_work();
 	MemoryContextSwitchTo(batch);
+	last_renew = GetCurrentTimestamp();
 
 	if (claimed != NIL)
 	{
 		notify_set_worker_state("sending");
 		pgstat_report_activity(STATE_RUNNING, "notify_ext: sending messages");
-		forboth(lc, claimed, cc, configs)
+		next = list_head(claimed);
+		for (;;)
 		{
-			ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
-			SmtpConfig *cfg = (SmtpConfig *) lfirst(cc);
+			ClaimedMessage *done;
 
-			/* the worker is asked to stop: record what is done, leave the rest to the lease */
-			if (ProcDiePending)
-				break;
-			m->started = GetCurrentTimestamp();
-			if (cfg == NULL)
+			/* fill the free connections; a worker asked to stop starts nothing new */
+			while (next != NULL && !ProcDiePending && smtp_pool_active(pool) < 1)
 			{
-				m->result.outcome = SEND_RETRY;
-				snprintf(m->result.error, sizeof(m->result.error),
-						 "channel \"%s\" does not exist or is not an SMTP channel", m->channel);
+				ClaimedMessage *m = (ClaimedMessage *) lfirst(next);
+
+				next = lnext(claimed, next);
+				if (!start_message(m))
+					unrecorded++;
 			}
-			else
-				smtp_send(find_client(m->channel, cfg), &m->out, &m->result);
-			m->finished = GetCurrentTimestamp();
-			m->tried = true;
-			/* a crash resends what is sent but not recorded: keep that window small */
-			if (++unrecorded >= RECORD_EVERY)
+			if (smtp_pool_active(pool) == 0 && (next == NULL || ProcDiePending))
+				break;
+
+			done = (ClaimedMessage *) smtp_pool_next_done(pool, 1000);
+			if (done != NULL)
 			{
-				commit_results(claimed, batch);
+				done->finished = GetCurrentTimestamp();
+				done->tried = true;
+				unrecorded++;
+			}
+			/* a crash resends what is sent but not recorded: keep that window small */
+			if (unrecorded >= RECORD_EVERY ||
+				TimestampDifferenceExceeds(last_renew, GetCurrentTimestamp(), notify_lease * 1000 / 3))
+			{
+				bool		renew = TimestampDifferenceExceeds(last_renew, GetCurrentTimestamp(),
+															   notify_lease * 1000 / 3);
+
+				commit_results(claimed, batch, renew);
+				if (renew)
+					last_renew = GetCurrentTimestamp();
 				unrecorded = 0;
 			}
 		}
-		commit_results(claimed, batch);
+		commit_results(claimed, batch, false);
 		notify_set_worker_state("idle");
 	}
 

@@ -20,25 +20,63 @@
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "notify_ext.h"
 
 #include "mime.h"
 #include "smtp.h"
 
-/* Generous bounds: a stuck server must never hang the worker. */
+/* test_smtp's bound on the whole dialogue: it must never hang a session. */
+#define SMTP_TEST_TOTAL_TIMEOUT_MS 120000L
 #define SMTP_CONNECT_TIMEOUT_MS 10000L
-#define SMTP_TOTAL_TIMEOUT_MS 120000L
+/* transfers a pool may drive at once (the worker uses one) */
+#define SMTP_POOL_MAX 8
+#define SMTP_POOL_IDLE_CONNECTIONS 4L
 
+/*
+ * One libcurl handle and what one transfer on it needs.  The worker keeps
+ * a pool of these; test_smtp makes one for its dialogue.
+ */
 struct SmtpClient
 {
-	SmtpConfig	cfg;			/* copies, in TopMemoryContext */
+	SmtpConfig	cfg;			/* the channel of the current transfer */
+	bool		owns_cfg;		/* cfg's strings are this client's copies */
 	CURL	   *curl;
 	char		last_reply[512];	/* the server's last reply line */
 	bool		quitting;		/* QUIT sent: its 221 is not the answer we log */
 	StringInfo	transcript;		/* test_smtp: the dialogue, credentials hidden */
 	bool		in_auth;		/* between AUTH and its final reply */
+
+	/* the transfer in progress */
+	bool		busy;
+	void	   *tag;
+	SendResult *result;
+	curl_mime  *mime;
+	struct curl_slist *headers;
+	struct curl_slist *rcpt;
+	char		curl_err[CURL_ERROR_SIZE];
+	bool		body_done;		/* all of the data is sent: the final dot follows */
+	bool		reply_after_body;	/* the server answered the final dot */
+	curl_off_t	last_ul;
+	TimestampTz last_activity;
+	TimestampTz body_done_at;
+};
+
+typedef struct SmtpClient SmtpClient;
+
+struct SmtpPool
+{
+	CURLM	   *multi;
+	int			nclients;
+	SmtpClient *clients[SMTP_POOL_MAX];
+	int			active;
+	int			ndone;
+	SmtpClient *done[SMTP_POOL_MAX];
 };
 
 static void record_transcript(SmtpClient *client, curl_infotype type, const char *data, size_t size);
+static void release_transfer(SmtpClient *client);
 
 /* smtp_global_init: libcurl's process-wide setup, once, in the worker. */
 void
@@ -62,29 +100,10 @@ dup_or_null(const char *s)
 	return s ? MemoryContextStrdup(TopMemoryContext, s) : NULL;
 }
 
-/* same_str: equality where NULL equals NULL. */
-static bool
-same_str(const char *a, const char *b)
-{
-	if (a == NULL || b == NULL)
-		return a == b;
-	return strcmp(a, b) == 0;
-}
-
-/* smtp_client_matches: whether a client was made from these settings. */
-bool
-smtp_client_matches(const SmtpClient *client, const SmtpConfig *cfg)
-{
-	return same_str(client->cfg.url, cfg->url) &&
-		same_str(client->cfg.from_address, cfg->from_address) &&
-		same_str(client->cfg.username, cfg->username) &&
-		same_str(client->cfg.password, cfg->password) &&
-		same_str(client->cfg.tls, cfg->tls);
-}
-
 /*
  * debug_cb: keeps the server's last reply line, which is what the log
- * shows as smtp_response ("250 2.0.0 Ok: queued as 4XyZ").
+ * shows as smtp_response ("250 2.0.0 Ok: queued as 4XyZ"), and notes that
+ * the transfer is alive.
  */
 static int
 debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
@@ -92,12 +111,15 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 	SmtpClient *client = (SmtpClient *) userp;
 	size_t		n;
 
+	client->last_activity = GetCurrentTimestamp();
 	if (type == CURLINFO_HEADER_OUT && size >= 4 && pg_strncasecmp(data, "QUIT", 4) == 0)
 		client->quitting = true;
 	if (client->transcript != NULL)
 		record_transcript(client, type, data, size);
 	if (type != CURLINFO_HEADER_IN || size == 0 || client->quitting)
 		return 0;
+	if (client->body_done)
+		client->reply_after_body = true;
 	/* a multi-line reply arrives line by line; keep the last one */
 	n = Min(size, sizeof(client->last_reply) - 1);
 	memcpy(client->last_reply, data, n);
@@ -152,52 +174,66 @@ record_transcript(SmtpClient *client, curl_infotype type, const char *data, size
 	}
 }
 
-/* progress_cb: abort a transfer when the worker is told to stop. */
+/*
+ * progress_cb: notes when the whole message has gone out (what follows is
+ * the wait for the reply to the final dot), and aborts a transfer when the
+ * worker is told to stop or test_smtp's query is cancelled.
+ */
 static int
 progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
 {
+	SmtpClient *client = (SmtpClient *) clientp;
+
+	if (ulnow > client->last_ul)
+	{
+		client->last_ul = ulnow;
+		client->last_activity = GetCurrentTimestamp();
+	}
+	if (!client->body_done && ultotal > 0 && ulnow >= ultotal)
+	{
+		client->body_done = true;
+		client->body_done_at = GetCurrentTimestamp();
+	}
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }
 
-/* smtp_client_create: a handle for one channel; connects lazily on first send. */
-SmtpClient *
-smtp_client_create(const SmtpConfig *cfg)
+/* client_create: a handle; it connects on its first transfer. */
+static SmtpClient *
+client_create(void)
 {
 	SmtpClient *client = MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpClient));
-	CURL	   *curl;
 
-	client->cfg.name = dup_or_null(cfg->name);
-	client->cfg.url = dup_or_null(cfg->url);
-	client->cfg.from_address = dup_or_null(cfg->from_address);
-	client->cfg.username = dup_or_null(cfg->username);
-	client->cfg.password = dup_or_null(cfg->password);
-	client->cfg.tls = dup_or_null(cfg->tls);
-
-	curl = curl_easy_init();
-	if (curl == NULL)
+	client->curl = curl_easy_init();
+	if (client->curl == NULL)
+	{
+		pfree(client);
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("notify_ext: could not create a libcurl handle for channel \"%s\"", cfg->name)));
-	client->curl = curl;
+				 errmsg("notify_ext: could not create a libcurl handle")));
+	}
 	return client;
 }
 
-/* smtp_client_destroy: close the connection and free the client. */
-void
-smtp_client_destroy(SmtpClient *client)
+/* client_destroy: close the handle and forget any copied secret. */
+static void
+client_destroy(SmtpClient *client)
 {
 	if (client == NULL)
 		return;
 	if (client->curl)
 		curl_easy_cleanup(client->curl);
-	if (client->cfg.password)
+	if (client->owns_cfg && client->cfg.password)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
 	pfree(client);
 }
 
-/* set_common_options: protocol restriction, TLS mode, credentials, timeouts. */
+/*
+ * set_common_options: protocol restriction, TLS mode, credentials,
+ * timeouts.  A pooled transfer is bounded by the pool's own per-step
+ * deadlines (see pool_check_deadlines); test_smtp's by a total timeout.
+ */
 static void
-set_common_options(SmtpClient *client)
+set_common_options(SmtpClient *client, bool pooled)
 {
 	CURL	   *curl = client->curl;
 	const char *tls = client->cfg.tls ? client->cfg.tls : "verify";
@@ -207,18 +243,41 @@ set_common_options(SmtpClient *client)
 	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
 	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, SMTP_CONNECT_TIMEOUT_MS);
-	curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, SMTP_TOTAL_TIMEOUT_MS);
+	if (pooled)
+	{
+		curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 0L);
+
+		/*
+		 * libcurl reads the reply to the final dot in a blocking call where
+		 * the pool's deadlines cannot act (curl issue 8555): this bounds it.
+		 * Every other step is bounded by pool_check_deadlines.
+		 */
+		curl_easy_setopt(curl, CURLOPT_SERVER_RESPONSE_TIMEOUT, (long) notify_smtp_data_timeout);
+	}
+	else
+	{
+		curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, SMTP_TEST_TOTAL_TIMEOUT_MS);
+		curl_easy_setopt(curl, CURLOPT_SERVER_RESPONSE_TIMEOUT, (long) notify_smtp_timeout);
+	}
 	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, progress_cb);
+	curl_easy_setopt(curl, CURLOPT_XFERINFODATA, client);
 	curl_easy_setopt(curl, CURLOPT_VERBOSE, 1L);
 	curl_easy_setopt(curl, CURLOPT_DEBUGFUNCTION, debug_cb);
 	curl_easy_setopt(curl, CURLOPT_DEBUGDATA, client);
 
+	/*
+	 * 'verify' and 'require' fail closed: CURLUSESSL_ALL makes libcurl give
+	 * up when STARTTLS is not offered or is refused, before any AUTH or
+	 * envelope command is sent in clear text.
+	 */
 	if (strcmp(tls, "verify") == 0)
 	{
 		curl_easy_setopt(curl, CURLOPT_USE_SSL, (long) CURLUSESSL_ALL);
 		curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
 		curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
+		curl_easy_setopt(curl, CURLOPT_CAINFO,
+						 (notify_tls_ca_file && notify_tls_ca_file[0]) ? notify_tls_ca_file : NULL);
 	}
 	else if (strcmp(tls, "require") == 0)
 	{
@@ -239,6 +298,11 @@ set_common_options(SmtpClient *client)
 	{
 		curl_easy_setopt(curl, CURLOPT_USERNAME, client->cfg.username);
 		curl_easy_setopt(curl, CURLOPT_PASSWORD, client->cfg.password ? client->cfg.password : "");
+	}
+	else
+	{
+		curl_easy_setopt(curl, CURLOPT_USERNAME, NULL);
+		curl_easy_setopt(curl, CURLOPT_PASSWORD, NULL);
 	}
 }
 
@@ -266,12 +330,12 @@ fail_result(SendResult *result, SendOutcome outcome, const char *fmt, const char
 }
 
 /*
- * smtp_send: deliver one message.  Never raises for what the server or
- * the network does: every outcome lands in *result, classified as sent,
- * permanently failed (5xx) or to be retried (4xx, no connection, timeout).
+ * prepare_transfer: build one message on a client's handle.  Everything
+ * that could smuggle a header or a command is checked first; returns
+ * false, with *result filled, when the message can never be sent as it is.
  */
-void
-smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
+static bool
+prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, bool pooled)
 {
 	char		errbuf[256];
 	char		datebuf[64];
@@ -279,59 +343,61 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 	char	   *to_header;
 	char	   *subject;
 	char	   *from_header;
-	struct curl_slist *headers = NULL;
-	struct curl_slist *rcpt = NULL;
-	curl_mime  *mime = NULL;
-	char		curl_err[CURL_ERROR_SIZE];
-	CURLcode	res;
-	long		code = 0;
-	char	   *line;
+	curl_mime  *mime;
 
 	memset(result, 0, sizeof(*result));
+	client->result = result;
 	client->last_reply[0] = '\0';
 	client->quitting = false;
-	curl_err[0] = '\0';
+	client->curl_err[0] = '\0';
+	client->body_done = false;
+	client->reply_after_body = false;
+	client->last_ul = 0;
+	client->last_activity = GetCurrentTimestamp();
+	client->headers = client->rcpt = NULL;
+	client->mime = NULL;
 
-	/* everything that could smuggle a header or a command is checked first */
 	if (!mime_check_address(msg->address, errbuf, sizeof(errbuf)))
-		{
+	{
 		fail_result(result, SEND_FAILED, "%s", errbuf);
-		return;
+		return false;
 	}
 	to_header = mime_format_mailbox(msg->display_name, msg->address, errbuf, sizeof(errbuf));
 	if (to_header == NULL)
-		{
+	{
 		fail_result(result, SEND_FAILED, "To header: %s", errbuf);
-		return;
+		return false;
 	}
 	from_header = mime_format_mailbox(NULL, client->cfg.from_address, errbuf, sizeof(errbuf));
 	if (from_header == NULL)
-		{
+	{
 		fail_result(result, SEND_RETRY, "channel's from_address: %s", errbuf);
-		return;
+		return false;
 	}
 	subject = mime_encode_header_text(msg->subject ? msg->subject : "",
 									  msg->subject ? strlen(msg->subject) : 0,
 									  strlen("Subject: "), errbuf, sizeof(errbuf));
 	if (subject == NULL)
-		{
+	{
 		fail_result(result, SEND_FAILED, "Subject: %s", errbuf);
-		return;
+		return false;
 	}
 
-	headers = curl_slist_append(headers, psprintf("Date: %s", mime_format_date(time(NULL), datebuf, sizeof(datebuf))));
-	headers = curl_slist_append(headers, psprintf("From: %s", from_header));
-	headers = curl_slist_append(headers, psprintf("To: %s", to_header));
-	headers = curl_slist_append(headers, psprintf("Subject: %s", subject));
-	headers = curl_slist_append(headers, psprintf("Message-ID: %s",
-												  mime_message_id("notify.message", msg->id,
-																  mime_domain_of(client->cfg.from_address),
-																  idbuf, sizeof(idbuf))));
+	client->headers = curl_slist_append(client->headers, psprintf("Date: %s", mime_format_date(time(NULL), datebuf, sizeof(datebuf))));
+	client->headers = curl_slist_append(client->headers, psprintf("From: %s", from_header));
+	client->headers = curl_slist_append(client->headers, psprintf("To: %s", to_header));
+	client->headers = curl_slist_append(client->headers, psprintf("Subject: %s", subject));
+	client->headers = curl_slist_append(client->headers,
+										psprintf("Message-ID: %s",
+												 mime_message_id("notify.message", msg->id,
+																 mime_domain_of(client->cfg.from_address),
+																 idbuf, sizeof(idbuf))));
 	/* RFC 3834: tells auto-responders not to answer a machine */
-	headers = curl_slist_append(headers, "Auto-Submitted: auto-generated");
-	rcpt = curl_slist_append(rcpt, psprintf("<%s>", msg->address));
+	client->headers = curl_slist_append(client->headers, "Auto-Submitted: auto-generated");
+	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
 
 	mime = curl_mime_init(client->curl);
+	client->mime = mime;
 	if (msg->html_body != NULL)
 	{
 		curl_mime  *alt = curl_mime_init(client->curl);
@@ -355,12 +421,10 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 
 		if (param == NULL || !mime_header_value_safe(att->content_type, strlen(att->content_type)))
 		{
-			curl_mime_free(mime);
-			curl_slist_free_all(headers);
-			curl_slist_free_all(rcpt);
+			release_transfer(client);
 			fail_result(result, SEND_FAILED, "attachment: %s",
 						param == NULL ? errbuf : "content type contains control characters");
-			return;
+			return false;
 		}
 		curl_mime_data(part, att->data, att->len);
 		curl_mime_type(part, att->content_type);
@@ -371,37 +435,69 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 		mime_free(param);
 	}
 
-	set_common_options(client);
-	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, curl_err);
+	set_common_options(client, pooled);
+	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM, psprintf("<%s>", client->cfg.from_address));
-	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, rcpt);
-	curl_easy_setopt(client->curl, CURLOPT_HTTPHEADER, headers);
-	curl_easy_setopt(client->curl, CURLOPT_MIMEPOST, mime);
+	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, client->rcpt);
+	curl_easy_setopt(client->curl, CURLOPT_HTTPHEADER, client->headers);
+	curl_easy_setopt(client->curl, CURLOPT_MIMEPOST, client->mime);
+	return true;
+}
 
-	res = curl_easy_perform(client->curl);
-	curl_easy_getinfo(client->curl, CURLINFO_RESPONSE_CODE, &code);
-
-	/* the handle must not keep pointers to what we free now */
+/* release_transfer: the handle must not keep pointers to what is freed here. */
+static void
+release_transfer(SmtpClient *client)
+{
 	curl_easy_setopt(client->curl, CURLOPT_MIMEPOST, NULL);
 	curl_easy_setopt(client->curl, CURLOPT_HTTPHEADER, NULL);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, NULL);
 	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, NULL);
-	curl_mime_free(mime);
-	curl_slist_free_all(headers);
-	curl_slist_free_all(rcpt);
+	if (client->mime)
+		curl_mime_free(client->mime);
+	curl_slist_free_all(client->headers);
+	curl_slist_free_all(client->rcpt);
+	client->mime = NULL;
+	client->headers = client->rcpt = NULL;
+}
+
+/*
+ * finish_transfer: classify what became of a transfer.  Never raises for
+ * what the server or the network did: sent; permanently failed (5xx);
+ * unknown (no answer to the final dot: the server may have the message);
+ * or to be retried (4xx, no connection, timeout, a refused login).
+ * `why`, when given, overrides libcurl's own error text.
+ */
+static void
+finish_transfer(SmtpClient *client, CURLcode res, const char *why)
+{
+	SendResult *result = client->result;
+	long		code = 0;
+	const char *line = client->last_reply;
+	char		err[CURL_ERROR_SIZE + 64];
+
+	curl_easy_getinfo(client->curl, CURLINFO_RESPONSE_CODE, &code);
+	strlcpy(err, why ? why : (client->curl_err[0] ? client->curl_err : curl_easy_strerror(res)),
+			sizeof(err));
+	release_transfer(client);
 
 	result->code = (int) code;
-	line = client->last_reply;
 	strlcpy(result->response, line, sizeof(result->response));
-
 	if (res == CURLE_OK)
 	{
 		result->outcome = SEND_SENT;
 		return;
 	}
+	if (client->body_done && !client->reply_after_body)
+	{
+		result->outcome = SEND_UNKNOWN;
+		snprintf(result->error, sizeof(result->error),
+				 "unknown outcome: the whole message was sent but no reply to its end came (%s); "
+				 "the server may have accepted it, so the retry may deliver it twice with the same Message-ID",
+				 err);
+		return;
+	}
 	snprintf(result->error, sizeof(result->error), "%s%s%s",
-			 curl_err[0] ? curl_err : curl_easy_strerror(res),
-			 line[0] ? "; server said: " : "", line);
+			 err, line[0] ? "; server said: " : "", line);
 	/*
 	 * A 5xx reply to the envelope or the data is the server's final word on
 	 * this message.  A refused login is not: it is the channel's settings
@@ -413,6 +509,201 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 		result->outcome = SEND_RETRY;
 }
 
+/* smtp_send_blocking: one message, start to end (test_smtp). */
+static void
+smtp_send_blocking(SmtpClient *client, const OutMessage *msg, SendResult *result)
+{
+	CURLcode	res;
+
+	if (!prepare_transfer(client, msg, result, false))
+		return;
+	res = curl_easy_perform(client->curl);
+	finish_transfer(client, res, NULL);
+}
+
+/* smtp_pool_create: the worker's pool, in TopMemoryContext. */
+SmtpPool *
+smtp_pool_create(void)
+{
+	SmtpPool   *pool = MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpPool));
+
+	pool->multi = curl_multi_init();
+	if (pool->multi == NULL)
+	{
+		pfree(pool);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("notify_ext: could not create a libcurl multi handle")));
+	}
+	return pool;
+}
+
+/* smtp_pool_destroy: abandon transfers, close every connection. */
+void
+smtp_pool_destroy(SmtpPool *pool)
+{
+	if (pool == NULL)
+		return;
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *client = pool->clients[i];
+
+		if (client->busy)
+		{
+			curl_multi_remove_handle(pool->multi, client->curl);
+			release_transfer(client);
+		}
+		client_destroy(client);
+	}
+	curl_multi_cleanup(pool->multi);
+	pfree(pool);
+}
+
+/* smtp_pool_active: transfers in flight. */
+int
+smtp_pool_active(const SmtpPool *pool)
+{
+	return pool->active;
+}
+
+/*
+ * smtp_pool_start: put a message in flight.  cfg and msg must stay valid
+ * until the transfer is returned by smtp_pool_next_done.  Returns false
+ * when the message failed before any network exchange (*result filled).
+ */
+bool
+smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
+				SendResult *result, void *tag)
+{
+	SmtpClient *client = NULL;
+	CURLMcode	mc;
+
+	for (int i = 0; i < pool->nclients; i++)
+		if (!pool->clients[i]->busy)
+		{
+			client = pool->clients[i];
+			break;
+		}
+	if (client == NULL)
+	{
+		if (pool->nclients >= SMTP_POOL_MAX)
+			elog(ERROR, "notify_ext: more than %d transfers in flight", SMTP_POOL_MAX);
+		client = client_create();
+		pool->clients[pool->nclients++] = client;
+	}
+	/* the channel's settings, valid for this transfer */
+	client->cfg = *cfg;
+	client->owns_cfg = false;
+	client->tag = tag;
+	if (!prepare_transfer(client, msg, result, true))
+		return false;
+	/* idle connections kept open: one per channel, for a few channels */
+	curl_multi_setopt(pool->multi, CURLMOPT_MAXCONNECTS, (long) SMTP_POOL_IDLE_CONNECTIONS);
+	mc = curl_multi_add_handle(pool->multi, client->curl);
+	if (mc != CURLM_OK)
+	{
+		release_transfer(client);
+		fail_result(result, SEND_RETRY, "libcurl: %s", curl_multi_strerror(mc));
+		return false;
+	}
+	client->busy = true;
+	pool->active++;
+	return true;
+}
+
+/* pool_complete: a transfer is over; queue it for smtp_pool_next_done. */
+static void
+pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why)
+{
+	curl_multi_remove_handle(pool->multi, client->curl);
+	finish_transfer(client, res, why);
+	client->busy = false;
+	pool->active--;
+	pool->done[pool->ndone++] = client;
+}
+
+/*
+ * pool_check_deadlines: each step of a transfer has its own bound.  A
+ * server silent for notify.smtp_timeout in any step is given up on; the
+ * reply to the final dot gets notify.smtp_data_timeout, because giving up
+ * there leaves the outcome unknown.
+ */
+static void
+pool_check_deadlines(SmtpPool *pool)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *client = pool->clients[i];
+		char		why[128];
+
+		if (!client->busy)
+			continue;
+		if (client->body_done && !client->reply_after_body)
+		{
+			if (!TimestampDifferenceExceeds(client->body_done_at, now, notify_smtp_data_timeout * 1000))
+				continue;
+			snprintf(why, sizeof(why), "no reply within notify.smtp_data_timeout (%d s)",
+					 notify_smtp_data_timeout);
+		}
+		else
+		{
+			if (!TimestampDifferenceExceeds(client->last_activity, now, notify_smtp_timeout * 1000))
+				continue;
+			snprintf(why, sizeof(why), "the server was silent for notify.smtp_timeout (%d s)",
+					 notify_smtp_timeout);
+		}
+		pool_complete(pool, client, CURLE_OPERATION_TIMEDOUT, why);
+	}
+}
+
+/*
+ * smtp_pool_next_done: drive the transfers for at most timeout_ms; return
+ * the tag of one finished transfer (its result filled), or NULL when none
+ * finished in time or none is in flight.
+ */
+void *
+smtp_pool_next_done(SmtpPool *pool, long timeout_ms)
+{
+	TimestampTz start = GetCurrentTimestamp();
+
+	for (;;)
+	{
+		int			running;
+		int			left;
+		CURLMsg    *msg;
+		long		elapsed;
+
+		if (pool->ndone > 0)
+			return pool->done[--pool->ndone]->tag;
+		if (pool->active == 0)
+			return NULL;
+
+		curl_multi_perform(pool->multi, &running);
+		while ((msg = curl_multi_info_read(pool->multi, &left)) != NULL)
+		{
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			for (int i = 0; i < pool->nclients; i++)
+				if (pool->clients[i]->busy && pool->clients[i]->curl == msg->easy_handle)
+				{
+					pool_complete(pool, pool->clients[i], msg->data.result, NULL);
+					break;
+				}
+		}
+		pool_check_deadlines(pool);
+		if (pool->ndone > 0)
+			continue;
+
+		elapsed = (long) ((GetCurrentTimestamp() - start) / 1000);
+		if (elapsed >= timeout_ms)
+			return NULL;
+		/* short waits: a SIGTERM is noticed by progress_cb at the next perform */
+		curl_multi_poll(pool->multi, NULL, 0, (int) Min(timeout_ms - elapsed, 100L), NULL);
+	}
+}
+
 /*
  * smtp_test_connection: notify.test_smtp's work.  Connects, greets,
  * negotiates TLS and authenticates (libcurl's connect phase for SMTP), or,
@@ -422,10 +713,17 @@ smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result)
 char *
 smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 {
-	SmtpClient *client = smtp_client_create(cfg);
+	SmtpClient *client = client_create();
 	StringInfoData t;
 	SendResult	result;
 
+	client->cfg.name = dup_or_null(cfg->name);
+	client->cfg.url = dup_or_null(cfg->url);
+	client->cfg.from_address = dup_or_null(cfg->from_address);
+	client->cfg.username = dup_or_null(cfg->username);
+	client->cfg.password = dup_or_null(cfg->password);
+	client->cfg.tls = dup_or_null(cfg->tls);
+	client->owns_cfg = true;
 	initStringInfo(&t);
 	client->transcript = &t;
 	appendStringInfo(&t, "channel \"%s\": %s, tls %s, %s\n", cfg->name, cfg->url,
@@ -444,7 +742,7 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 			msg.subject = "notify_ext test message";
 			msg.text_body = psprintf("This is a test message sent by notify.test_smtp() through channel \"%s\".\n",
 									 cfg->name);
-			smtp_send(client, &msg, &result);
+			smtp_send_blocking(client, &msg, &result);
 		}
 		else
 		{
@@ -454,7 +752,7 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 
 			memset(&result, 0, sizeof(result));
 			curl_err[0] = '\0';
-			set_common_options(client);
+			set_common_options(client, false);
 			curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, curl_err);
 			curl_easy_setopt(client->curl, CURLOPT_CONNECT_ONLY, 1L);
 			res = curl_easy_perform(client->curl);
@@ -474,7 +772,7 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 	PG_FINALLY();
 	{
 		client->transcript = NULL;
-		smtp_client_destroy(client);
+		client_destroy(client);
 	}
 	PG_END_TRY();
 

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * smtp.h
- *	  The SMTP transport: one libcurl handle per channel, reused across
- *	  messages so that a batch travels over one connection.
+ *	  The SMTP transport: parallel transfers over connections that are
+ *	  reused across messages, and notify.test_smtp's step-by-step dialogue.
  *
  *-------------------------------------------------------------------------
  */
@@ -14,7 +14,9 @@ typedef enum SendOutcome
 {
 	SEND_SENT,					/* the server accepted the message (250 after DATA) */
 	SEND_FAILED,				/* permanent: 5xx, or a message that can never be sent */
-	SEND_RETRY					/* temporary: 4xx, connection trouble, timeout */
+	SEND_RETRY,					/* temporary: 4xx, connection trouble, timeout */
+	SEND_UNKNOWN				/* no reply after the end of the data: the server
+								 * may have the message; retried, same Message-ID */
 } SendOutcome;
 
 typedef struct SendResult
@@ -34,6 +36,7 @@ typedef struct SmtpConfig
 	char	   *username;
 	char	   *password;
 	char	   *tls;
+	int			rate_per_minute;	/* 0: no limit */
 } SmtpConfig;
 
 /* A file sent with a message. */
@@ -58,13 +61,20 @@ typedef struct OutMessage
 	OutAttachment *attachments;
 } OutMessage;
 
-typedef struct SmtpClient SmtpClient;
+/*
+ * A worker's transfers, driven by one libcurl multi handle whose
+ * connection cache keeps connections open from one message (and one
+ * batch) to the next, with a deadline for each step of the dialogue.
+ */
+typedef struct SmtpPool SmtpPool;
 
 extern void smtp_global_init(void);
-extern SmtpClient *smtp_client_create(const SmtpConfig *cfg);
-extern bool smtp_client_matches(const SmtpClient *client, const SmtpConfig *cfg);
-extern void smtp_client_destroy(SmtpClient *client);
-extern void smtp_send(SmtpClient *client, const OutMessage *msg, SendResult *result);
+extern SmtpPool *smtp_pool_create(void);
+extern void smtp_pool_destroy(SmtpPool *pool);
+extern int	smtp_pool_active(const SmtpPool *pool);
+extern bool smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
+							SendResult *result, void *tag);
+extern void *smtp_pool_next_done(SmtpPool *pool, long timeout_ms);
 extern char *smtp_test_connection(const SmtpConfig *cfg, const char *send_to);
 
 #endif							/* NOTIFY_SMTP_H */

@@ -39,19 +39,24 @@
 
 static MemoryContext round_cxt = NULL;
 
+int			notify_worker_slot = -1;
+
 /* unpublish_worker: forget our latch in shared memory when we exit. */
 static void
 unpublish_worker(int code, Datum arg)
 {
+	NotifyWorkerSlot *slot;
+
 	sender_shutdown();
 	if (notify_shared == NULL)
 		return;
+	slot = &notify_shared->workers[notify_worker_slot];
 	SpinLockAcquire(&notify_shared->mutex);
-	if (notify_shared->worker_pid == MyProcPid)
+	if (slot->pid == MyProcPid)
 	{
-		notify_shared->worker_pid = 0;
-		notify_shared->worker_latch = NULL;
-		strlcpy(notify_shared->state, "stopped", sizeof(notify_shared->state));
+		slot->pid = 0;
+		slot->latch = NULL;
+		strlcpy(slot->state, "stopped", sizeof(slot->state));
 	}
 	SpinLockRelease(&notify_shared->mutex);
 }
@@ -60,10 +65,12 @@ unpublish_worker(int code, Datum arg)
 static void
 publish_worker(void)
 {
+	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
+
 	SpinLockAcquire(&notify_shared->mutex);
-	notify_shared->worker_pid = MyProcPid;
-	notify_shared->worker_latch = MyLatch;
-	notify_shared->last_error[0] = '\0';
+	slot->pid = MyProcPid;
+	slot->latch = MyLatch;
+	slot->last_error[0] = '\0';
 	SpinLockRelease(&notify_shared->mutex);
 	before_shmem_exit(unpublish_worker, (Datum) 0);
 }
@@ -72,8 +79,10 @@ publish_worker(void)
 static void
 record_worker_error(const char *msg)
 {
+	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
+
 	SpinLockAcquire(&notify_shared->mutex);
-	strlcpy(notify_shared->last_error, msg ? msg : "", sizeof(notify_shared->last_error));
+	strlcpy(slot->last_error, msg ? msg : "", sizeof(slot->last_error));
 	SpinLockRelease(&notify_shared->mutex);
 }
 
@@ -90,22 +99,25 @@ extension_installed(void)
 }
 
 /*
- * reclaim_orphans: at start, messages left 'sending' can only belong to a
- * predecessor that died: take them back at once rather than waiting for
- * their lease.
+ * reclaim_orphans: at start, messages left 'sending' by this worker's slot
+ * can only belong to a predecessor that died: take them back at once
+ * rather than waiting for their lease.  Other workers' are theirs.
  */
 static void
 reclaim_orphans(void)
 {
 	int			ret;
+	Oid			argtype = INT4OID;
+	Datum		arg = Int32GetDatum(notify_worker_slot);
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: reclaiming messages");
-	ret = SPI_execute("UPDATE notify.message SET status = 'queued', lease_until = NULL, "
-					  "next_attempt_at = pg_catalog.now() WHERE status = 'sending'", false, 0);
+	ret = SPI_execute_with_args("UPDATE notify.message SET status = 'queued', lease_until = NULL, "
+								"next_attempt_at = pg_catalog.now() WHERE status = 'sending' AND claimed_by = $1",
+								1, &argtype, &arg, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not reclaim messages: %s", SPI_result_code_string(ret));
 	if (SPI_processed > 0)
@@ -192,15 +204,18 @@ run_rounds(void)
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
 		events = fanout_round();
+		/* the messages just made are for every worker to send */
+		if (events > 0)
+			notify_wake_workers_except(notify_worker_slot);
 		MemoryContextSwitchTo(round_cxt);
-		sent = send_due_messages(notify_batch_size, &next_due);
+		sent = send_due_messages(SEND_CLAIM_SIZE, &next_due);
 		MemoryContextSwitchTo(TopMemoryContext);
 
 		if (next_due >= 0)
 			sleep_ms = Min((long) notify_poll_interval, next_due);
 		else
 			sleep_ms = notify_poll_interval;
-		if (events < notify_batch_size && sent < notify_batch_size && sleep_ms > 0)
+		if (events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0)
 			break;
 		if (ConfigReloadPending)
 			break;
@@ -223,6 +238,7 @@ notify_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
+	notify_worker_slot = DatumGetInt32(main_arg);
 	BackgroundWorkerInitializeConnection(notify_database, NULL, 0);
 	pgstat_report_appname("notify_ext worker");
 
@@ -230,7 +246,8 @@ notify_worker_main(Datum main_arg)
 	smtp_global_init();
 	round_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext round", ALLOCSET_DEFAULT_SIZES);
 
-	ereport(LOG, (errmsg("notify_ext worker started in database \"%s\"", notify_database)));
+	ereport(LOG, (errmsg("notify_ext worker %d started in database \"%s\"",
+						 notify_worker_slot + 1, notify_database)));
 
 	for (;;)
 	{

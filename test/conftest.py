@@ -25,7 +25,8 @@ def smtp():
 def cluster(smtp):
     # A long poll interval: every test that receives mail in time proves the
     # commit wake-up, not the poll.
-    c = Cluster(settings={"notify.poll_interval": "'30s'", "notify.retry_backoff": "'1s'"})
+    c = Cluster(settings={"notify.poll_interval": "'30s'", "notify.retry_backoff": "'1s'",
+                          "notify.workers": "4"})
     try:
         with c.connect() as conn:
             conn.execute("CREATE EXTENSION notify_ext")

@@ -151,6 +151,7 @@ CREATE TABLE notify.message (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     lease_until     timestamptz,
+    claimed_by      integer,        -- the worker (slot) holding it while 'sending'
     sent_at         timestamptz,
     last_error      text,
     smtp_response   text
@@ -177,7 +178,7 @@ CREATE TABLE notify.attempt (
     message_id   bigint NOT NULL REFERENCES notify.message (id) ON DELETE CASCADE,
     started_at   timestamptz NOT NULL,
     finished_at  timestamptz NOT NULL,
-    outcome      text NOT NULL CHECK (outcome IN ('sent', 'failed', 'retry')),
+    outcome      text NOT NULL CHECK (outcome IN ('sent', 'failed', 'retry', 'unknown')),
     smtp_code    integer,
     response     text
 );

@@ -249,15 +249,39 @@ def test_disabled_rule_is_skipped(db, smtp, uniq):
     assert smtp.to(off) == []
 
 
-def test_one_connection_serves_a_batch(db, smtp, uniq):
-    """Connection reuse: a batch of messages travels over one SMTP session."""
+def test_connections_are_reused_across_messages(db, smtp, uniq):
+    """Connection reuse: 40 messages travel over at most notify.workers (4)
+    SMTP sessions, not one each."""
     table, _ = setup_orders(db, uniq, template_html=False)
     to = f"{uniq}@example.com"
     db.execute(f"INSERT INTO {table} (customer, contact_email, total) "
-               f"SELECT 'C' || g, %s, g FROM generate_series(1, 20) g", (to,))
-    mails = smtp.wait_for(to, count=20)
+               f"SELECT 'C' || g, %s, g FROM generate_series(1, 40) g", (to,))
+    mails = smtp.wait_for(to, count=40)
     ports = {m.peer for m in mails}
-    assert len(ports) == 1, f"expected one SMTP connection, saw {[m.peer for m in mails]}"
+    workers = int(db.execute("SHOW notify.workers").fetchone()[0])
+    print(f"40 messages over {len(ports)} connection(s), notify.workers = {workers}")
+    assert 1 <= len(ports) <= workers, f"expected at most {workers} connections, saw {len(ports)}"
+
+
+def test_messages_are_sent_in_parallel(db, smtp, uniq):
+    """notify.workers (4) workers send at once: with a server that
+    takes 1 s to accept each message, 8 messages take about 2 s, not 8."""
+    table, _ = setup_orders(db, uniq, template_html=False)
+    to = f"{uniq}@example.com"
+    smtp.max_in_data = 0
+    smtp.data_delay = lambda mail: 1.0 if to in mail.rcpt_tos else 0
+    try:
+        start = time.monotonic()
+        db.execute(f"INSERT INTO {table} (customer, contact_email, total) "
+                   f"SELECT 'C' || g, %s, g FROM generate_series(1, 8) g", (to,))
+        smtp.wait_for(to, count=8, timeout=20)
+        elapsed = time.monotonic() - start
+    finally:
+        smtp.data_delay = None
+    print(f"8 messages at 1 s each: {elapsed:.2f} s, at most {smtp.max_in_data} in DATA at once")
+    workers = int(db.execute("SHOW notify.workers").fetchone()[0])
+    assert smtp.max_in_data == workers == 4
+    assert elapsed < 5, f"8 slow messages took {elapsed:.1f} s: not sent in parallel"
 
 
 def test_edited_template_is_used_for_the_next_event(db, smtp, uniq):

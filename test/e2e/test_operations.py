@@ -107,12 +107,16 @@ def test_purge_removes_finished_rows_only(db, smtp, uniq):
 
 
 def test_worker_status(db):
-    pid, state, queued, sending, sent_last_minute, last_error = \
-        db.execute("SELECT * FROM notify.worker_status()").fetchone()
-    assert pid == db.execute("SELECT pid FROM pg_stat_activity "
-                             "WHERE backend_type = 'notify_ext worker'").fetchone()[0]
-    assert state in ("idle", "sending", "fanning out")
-    assert queued >= 0 and sending >= 0 and sent_last_minute >= 0
+    """One row per worker (notify.workers = 4 here), each with its pid."""
+    rows = db.execute("SELECT * FROM notify.worker_status() ORDER BY worker").fetchall()
+    print(rows)
+    assert [r[6] for r in rows] == [1, 2, 3, 4]
+    pids = {r[0] for r in db.execute("SELECT pid FROM pg_stat_activity "
+                                     "WHERE backend_type = 'notify_ext worker'")}
+    assert {r[0] for r in rows} == pids and len(pids) == 4
+    for pid, state, queued, sending, sent_last_minute, last_error, worker in rows:
+        assert state in ("idle", "sending", "fanning out")
+        assert queued >= 0 and sending >= 0 and sent_last_minute >= 0
 
 
 def test_test_smtp_reports_steps_and_never_the_password(db, smtp, uniq):

@@ -72,6 +72,8 @@ class FaultSmtp(SmtpServer):
         else:
             self.mails, self.cond = [], threading.Condition()
         self.rcpt_replies = {}
+        self.data_delay = None
+        self.in_data = self.max_in_data = 0
         self.controller = _TrackingController(
             _SlowRecorder(self, delay), hostname="127.0.0.1", port=self.port,
             decode_data=False, data_size_limit=50 * 1024 * 1024)
@@ -132,10 +134,18 @@ def log_lines(cluster, pattern=BAD_LOG):
             if pattern.search(line) and 'database "fault" does not exist' not in line]
 
 
+WORKERS = 4
+
+
+def worker_pids(conn):
+    return sorted(r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity "
+                                             "WHERE backend_type = 'notify_ext worker'"))
+
+
 def worker_pid(conn):
-    row = conn.execute("SELECT pid FROM pg_stat_activity "
-                       "WHERE backend_type = 'notify_ext worker'").fetchone()
-    return row[0] if row else None
+    """Some worker's pid, once all WORKERS are running."""
+    pids = worker_pids(conn)
+    return pids[0] if len(pids) == WORKERS else None
 
 
 def connect_when_up(cluster, timeout=60):
@@ -158,7 +168,7 @@ def env():
 
     def make(smtp, settings=None):
         servers.append(smtp)
-        conf = {"notify.poll_interval": "'1s'"}
+        conf = {"notify.poll_interval": "'1s'", "notify.workers": str(WORKERS)}
         conf.update(settings or {})
         c = Cluster(dbname="fault", settings=conf)
         clusters.append(c)
@@ -217,7 +227,9 @@ def test_worker_killed_while_sending(env, how):
     t_start = time.monotonic()
     conn = cluster.connect()
     batch = int(conn.execute("SHOW notify.batch_size").fetchone()[0])
-    old_pid = wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
+    wait_until(lambda: worker_pid(conn), timeout=30, what="workers running")
+    old_pids = worker_pids(conn)
+    old_pid = old_pids[0]
 
     conn.execute("SELECT notify.emit('bulk', jsonb_build_object('n', g)) "
                  "FROM generate_series(1, %s) g", (N_KILL,))
@@ -228,22 +240,23 @@ def test_worker_killed_while_sending(env, how):
     if how == "sigterm":
         killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE backend_type = 'notify_ext worker'").fetchall()
-        assert killed == [(True,)]
+        assert killed == [(True,)] * WORKERS
     else:
         os.kill(old_pid, 9)
     after_signal = smtp.count()
-    print(f"\n[{how}] injected: {'pg_terminate_backend' if how == 'sigterm' else 'SIGKILL'} "
-          f"of worker pid {old_pid} after {at_kill} of {N_KILL} mails received "
+    print(f"\n[{how}] injected: {'pg_terminate_backend of all' if how == 'sigterm' else 'SIGKILL of one'} "
+          f"of {WORKERS} workers {old_pids} after {at_kill} of {N_KILL} mails received "
           f"(batch_size {batch}); {after_signal} received when the signal call returned")
 
     if how == "sigterm":
-        # only the worker goes: this session survives, and the worker comes back
-        # after its restart delay (10 s)
-        wait_until(lambda: worker_pid(conn) != old_pid, timeout=10, interval=0.01, what="worker exit")
-        print(f"[{how}] worker gone {time.monotonic() - t_kill:.3f} s after the signal; "
+        # only the workers go: this session survives, and they come back
+        # after their restart delay (10 s)
+        wait_until(lambda: not set(worker_pids(conn)) & set(old_pids), timeout=10, interval=0.01,
+                   what="workers exit")
+        print(f"[{how}] workers gone {time.monotonic() - t_kill:.3f} s after the signal; "
               f"{smtp.count()} received then")
-        new_pid = wait_until(lambda: worker_pid(conn), timeout=30, interval=0.2,
-                             what="worker restarted")
+        new_pid = wait_until(lambda: not set(worker_pids(conn)) & set(old_pids) and worker_pid(conn),
+                             timeout=30, interval=0.2, what="workers restarted")
     else:
         # the postmaster resets every backend: this session is gone too, and a
         # session opened before the postmaster noticed the kill goes with the reset
@@ -253,15 +266,16 @@ def test_worker_killed_while_sending(env, how):
             conn = connect_when_up(cluster)
             try:
                 # the killed worker's pid can still show until the postmaster notices
-                new_pid = wait_until(lambda: (p := worker_pid(conn)) and p != old_pid and p,
-                                     timeout=30, interval=0.2, what="worker restarted")
+                new_pid = wait_until(lambda: not set(worker_pids(conn)) & set(old_pids)
+                                     and worker_pid(conn),
+                                     timeout=30, interval=0.2, what="workers restarted")
                 break
             except psycopg.OperationalError:
                 conn.close()
                 if time.monotonic() > deadline:
                     raise
     t_back = time.monotonic()
-    print(f"[{how}] worker back as pid {new_pid} {t_back - t_kill:.1f} s later; "
+    print(f"[{how}] workers back {worker_pids(conn)} {t_back - t_kill:.1f} s later; "
           f"{smtp.count()} mails received so far")
     assert new_pid != old_pid
 
@@ -287,8 +301,9 @@ def test_worker_killed_while_sending(env, how):
     assert distinct == set(range(1, N_KILL + 1))
     assert not split, f"one event got several messages (fan-out ran twice): {dict(list(split.items())[:5])}"
     assert dup_mid == dup_n
-    # the sender commits outcomes every 16 messages (RECORD_EVERY in src/sender.c)
-    assert dup_mid <= RECORD_WINDOW, f"{dup_mid} duplicates > the {RECORD_WINDOW} messages an outcome may wait"
+    # each worker commits outcomes every 16 messages (RECORD_EVERY in src/sender.c)
+    assert dup_mid <= RECORD_WINDOW * WORKERS, \
+        f"{dup_mid} duplicates > the {RECORD_WINDOW} x {WORKERS} messages whose outcome may wait"
     assert log_sent == N_KILL and n_msgs == N_KILL
     bad = [line for line in log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal (?!9)|"
                                                             r"was terminated by exception"))]
@@ -517,7 +532,7 @@ def test_immediate_shutdown_under_load(env):
     assert not ghosts, f"rolled-back / uncommitted ids were mailed: {ghosts[:20]}"
     assert not extra, f"mails for ids never inserted: {extra[:20]}"
     assert not split
-    assert dup_mid == dup_n and dup_mid <= RECORD_WINDOW, \
+    assert dup_mid == dup_n and dup_mid <= RECORD_WINDOW * WORKERS, \
         f"{dup_mid} duplicates > the {RECORD_WINDOW} messages an outcome may wait"
     assert final.get("sent") == events == len(ids_in_table), (final, events, len(ids_in_table))
     assert not log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal")), \

@@ -5,6 +5,7 @@ that records the bytes it receives.
 Everything listens on 127.0.0.1 or a Unix socket in a private directory,
 and every process started here is stopped here.
 """
+import asyncio
 import email
 import email.policy
 import os
@@ -148,8 +149,22 @@ class _Recorder:
         return "250 OK"
 
     async def handle_DATA(self, smtp, session, envelope):
-        self.server._add(ReceivedMail(envelope.mail_from, envelope.rcpt_tos,
-                                      envelope.original_content, session.peer))
+        server = self.server
+        mail = ReceivedMail(envelope.mail_from, envelope.rcpt_tos, envelope.original_content,
+                            session.peer)
+        delay = server.data_delay(mail) if server.data_delay else 0
+        with server.cond:
+            server.in_data += 1
+            server.max_in_data = max(server.max_in_data, server.in_data)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            with server.cond:
+                server.in_data -= 1
+        # the message is the server's once it has it, whether or not the
+        # client is still there to hear the 250 (as with a real server)
+        server._add(mail)
         return "250 2.0.0 Ok: queued"
 
 
@@ -160,6 +175,9 @@ class SmtpServer:
         self.port = free_port()
         self.mails = []
         self.rcpt_replies = {}              # address -> reply, to make the server refuse
+        self.data_delay = None              # mail -> seconds to wait before the 250 after DATA
+        self.in_data = 0                    # DATA phases in progress right now
+        self.max_in_data = 0                # the most seen at once
         self.cond = threading.Condition()
         self.controller = Controller(_Recorder(self), hostname="127.0.0.1", port=self.port,
                                      decode_data=False, data_size_limit=50 * 1024 * 1024)
