@@ -289,10 +289,12 @@ notify_wake_worker(void)
 
 /*
  * notify_rate_admit: whether a message of a rate-limited channel may go
- * now.  Messages are spaced 60 / rate_per_minute seconds apart over all
- * workers; one that comes before its slot is told when (*until), and the
- * slot is taken either way.  More rate-limited channels than there are
- * shared slots are admitted unlimited, with a warning.
+ * now.  Messages go 60 / rate_per_minute seconds apart over all workers.
+ * One that comes too early is told when to come back (*until): the held
+ * back are spread one interval apart from the next free slot, so they
+ * come back one at a time, in order, rather than all at once.  More
+ * rate-limited channels than there are shared slots are admitted
+ * unlimited, with a warning.
  */
 bool
 notify_rate_admit(const char *channel, int rate_per_minute, TimestampTz now, TimestampTz *until)
@@ -327,17 +329,18 @@ notify_rate_admit(const char *channel, int rate_per_minute, TimestampTz now, Tim
 	if (slot->channel[0] == '\0')
 	{
 		strlcpy(slot->channel, channel, sizeof(slot->channel));
-		slot->next_slot = 0;
+		slot->next_slot = slot->defer_tail = 0;
 	}
 	if (slot->next_slot <= now)
 	{
-		slot->next_slot = now + interval;
+		/* keep to the grid when just late (no drift), else start it again from now */
+		slot->next_slot = (slot->next_slot > now - interval ? slot->next_slot : now) + interval;
 		admit = true;
 	}
 	else
 	{
-		*until = slot->next_slot;
-		slot->next_slot += interval;
+		*until = Max(slot->defer_tail, slot->next_slot);
+		slot->defer_tail = *until + interval;
 		admit = false;
 	}
 	SpinLockRelease(&notify_shared->mutex);

@@ -49,7 +49,8 @@ typedef struct NotifyWorkerSlot
 typedef struct NotifyRateSlot
 {
 	char		channel[64];	/* empty: unused */
-	TimestampTz next_slot;
+	TimestampTz next_slot;		/* the next message may go from then on */
+	TimestampTz defer_tail;		/* where the next held-back message is put */
 } NotifyRateSlot;
 
 /*

@@ -332,8 +332,9 @@ record_results(List *claimed)
 			a[4] = Int32GetDatum(m->result.code);
 		else
 			an[4] = 'n';
+		/* what went wrong (it quotes the server) or, when all went well, the reply */
 		if (m->result.response[0] || m->result.error[0])
-			a[5] = CStringGetTextDatum(m->result.response[0] ? m->result.response : m->result.error);
+			a[5] = CStringGetTextDatum(m->result.error[0] ? m->result.error : m->result.response);
 		else
 			an[5] = 'n';
 		ret = SPI_execute_plan(attempt_plan, a, an, false, 0);

@@ -15,6 +15,7 @@
 #include "postgres.h"
 
 #include <curl/curl.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "miscadmin.h"
@@ -56,7 +57,7 @@ struct SmtpClient
 	struct curl_slist *headers;
 	struct curl_slist *rcpt;
 	char		curl_err[CURL_ERROR_SIZE];
-	bool		body_done;		/* all of the data is sent: the final dot follows */
+	bool		body_done;		/* the server said 354: the data, then the final dot */
 	bool		reply_after_body;	/* the server answered the final dot */
 	curl_off_t	last_ul;
 	TimestampTz last_activity;
@@ -120,6 +121,12 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 		return 0;
 	if (client->body_done)
 		client->reply_after_body = true;
+	else if (size >= 4 && strncmp(data, "354", 3) == 0)
+	{
+		/* the server takes the data: from now on, a silence leaves the outcome unknown */
+		client->body_done = true;
+		client->body_done_at = client->last_activity;
+	}
 	/* a multi-line reply arrives line by line; keep the last one */
 	n = Min(size, sizeof(client->last_reply) - 1);
 	memcpy(client->last_reply, data, n);
@@ -175,9 +182,8 @@ record_transcript(SmtpClient *client, curl_infotype type, const char *data, size
 }
 
 /*
- * progress_cb: notes when the whole message has gone out (what follows is
- * the wait for the reply to the final dot), and aborts a transfer when the
- * worker is told to stop or test_smtp's query is cancelled.
+ * progress_cb: notes upload progress as activity, and aborts a transfer
+ * when the worker is told to stop or test_smtp's query is cancelled.
  */
 static int
 progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
@@ -188,11 +194,6 @@ progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ulto
 	{
 		client->last_ul = ulnow;
 		client->last_activity = GetCurrentTimestamp();
-	}
-	if (!client->body_done && ultotal > 0 && ulnow >= ultotal)
-	{
-		client->body_done = true;
-		client->body_done_at = GetCurrentTimestamp();
 	}
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }
@@ -491,7 +492,7 @@ finish_transfer(SmtpClient *client, CURLcode res, const char *why)
 	{
 		result->outcome = SEND_UNKNOWN;
 		snprintf(result->error, sizeof(result->error),
-				 "unknown outcome: the whole message was sent but no reply to its end came (%s); "
+				 "unknown outcome: the message's data was sent but no reply to its end came (%s); "
 				 "the server may have accepted it, so the retry may deliver it twice with the same Message-ID",
 				 err);
 		return;
@@ -500,10 +501,21 @@ finish_transfer(SmtpClient *client, CURLcode res, const char *why)
 			 err, line[0] ? "; server said: " : "", line);
 	/*
 	 * A 5xx reply to the envelope or the data is the server's final word on
-	 * this message.  A refused login is not: it is the channel's settings
-	 * that are wrong, and the message must wait for them to be fixed.
+	 * this message.  A refused login is not, nor "authentication required"
+	 * (530, RFC 4954; libcurl goes on without AUTH when the server does not
+	 * offer it): it is the channel's settings that are wrong, and the
+	 * message must wait for them to be fixed.
 	 */
-	if (code >= 500 && code < 600 && res != CURLE_LOGIN_DENIED)
+	if (code == 530)
+	{
+		snprintf(result->error, sizeof(result->error),
+				 "the server requires authentication%s; server said: %s",
+				 client->cfg.username ? " and did not offer AUTH on this connection (check the channel's url and tls mode)"
+				 : ": set a username and password on the channel",
+				 line);
+		result->outcome = SEND_RETRY;
+	}
+	else if (code >= 500 && code < 600 && res != CURLE_LOGIN_DENIED)
 		result->outcome = SEND_FAILED;
 	else
 		result->outcome = SEND_RETRY;
@@ -611,10 +623,26 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 	return true;
 }
 
-/* pool_complete: a transfer is over; queue it for smtp_pool_next_done. */
+/*
+ * pool_complete: a transfer is over; queue it for smtp_pool_next_done.
+ *
+ * A failed transfer's connection is shut down here, while it is still
+ * the handle's: libcurl keeps a connection whose reply to the final dot
+ * timed out ("left intact"), and the late reply would then answer the
+ * next message's MAIL FROM.  A connection in an unknown state is never
+ * reused; libcurl sees it dead and opens a new one.
+ */
 static void
 pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why)
 {
+	if (res != CURLE_OK)
+	{
+		curl_socket_t fd = CURL_SOCKET_BAD;
+
+		if (curl_easy_getinfo(client->curl, CURLINFO_ACTIVESOCKET, &fd) == CURLE_OK &&
+			fd != CURL_SOCKET_BAD)
+			shutdown(fd, SHUT_RDWR);
+	}
 	curl_multi_remove_handle(pool->multi, client->curl);
 	finish_transfer(client, res, why);
 	client->busy = false;
