@@ -12,6 +12,8 @@ OBJS = \
 	src/notify_ext.o \
 	src/capture.o \
 	src/worker.o \
+	src/schedule.o \
+	src/cron.o \
 	src/fanout.o \
 	src/render.o \
 	src/sender.o \
@@ -23,7 +25,7 @@ OBJS = \
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
-REGRESS = setup capture templates rules channels directory
+REGRESS = setup capture templates rules channels directory schedules
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)
 
 # -Wno-unused-parameter: PostgreSQL's own headers (bufpage.h inlines) and fmgr callbacks trip it

@@ -92,9 +92,13 @@ SELECT notify.create_rule('r', 'order.created', 'order.created', '{recipient:use
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'sometimes');
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => NULL);
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'digest');
--- options of later versions
+-- a CSV attachment's name is a plain file name
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
-                          attach_rows_csv => 'rows.csv');
+                          attach_rows_csv => '../etc/rows.csv');
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+                          attach_rows_csv => E'rows\r\n.csv');
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+                          attach_rows_csv => ' ');
 -- none of those was stored
 SELECT count(*) AS rules FROM notify.rule;
 

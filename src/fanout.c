@@ -51,6 +51,7 @@ typedef struct RuleInfo
 	char	   *default_mode;
 	char	   *context_query;	/* NULL: no `extra` */
 	char	   *attachments_query;	/* NULL: no attachments */
+	char	   *attach_rows_csv;	/* NULL: no CSV of a report's rows */
 	Oid			owner;			/* the role its queries run as */
 	Datum	   *specs;
 	int			nspecs;
@@ -92,6 +93,7 @@ static SPIPlanPtr group_plan = NULL;
 static SPIPlanPtr supervisors_plan = NULL;
 static SPIPlanPtr preference_plan = NULL;
 static SPIPlanPtr attachment_plan = NULL;
+static SPIPlanPtr csv_plan = NULL;
 static SPIPlanPtr insert_message_plan = NULL;
 static SPIPlanPtr mark_done_plan = NULL;
 static SPIPlanPtr mark_failed_plan = NULL;
@@ -118,7 +120,7 @@ prepare_plans(void)
 						   1, int8_t);
 	rules_plan = notify_keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
-						   "       r.context_query, r.owner::oid, r.attachments_query "
+						   "       r.context_query, r.owner::oid, r.attachments_query, r.attach_rows_csv "
 						   "FROM notify.rule r WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
 						   1, text_t);
 	directory_plan = notify_keep_plan(
@@ -140,6 +142,15 @@ prepare_plans(void)
 									"INSERT INTO notify.attachment (event_id, rule_id, filename, content_type, content) "
 									"VALUES ($1, $2, $3, $4, $5)",
 									5, att_t);
+	}
+	{
+		Oid			csv_t[3] = {INT8OID, INT8OID, TEXTOID};
+
+		csv_plan = notify_keep_plan(
+							 "INSERT INTO notify.attachment (event_id, rule_id, filename, content_type, content) "
+							 "SELECT e.id, $2, $3, 'text/csv; charset=utf-8', notify._rows_csv(e.rows, e.columns) "
+							 "  FROM notify.event e WHERE e.id = $1 AND e.rows IS NOT NULL",
+							 3, csv_t);
 	}
 	{
 		Oid			pref_t[3] = {TEXTOID, TEXTOID, TEXTOID};
@@ -705,6 +716,7 @@ load_rules(const char *event_type)
 		rule->context_query = SPI_getvalue(tup, desc, 7);
 		rule->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 8, &isnull));
 		rule->attachments_query = SPI_getvalue(tup, desc, 9);
+		rule->attach_rows_csv = SPI_getvalue(tup, desc, 10);
 		specs = DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 6, &isnull));
 		deconstruct_array(specs, TEXTOID, -1, false, TYPALIGN_INT, &rule->specs, NULL, &rule->nspecs);
 		rules = lappend(rules, rule);
@@ -727,6 +739,16 @@ store_attachments(const PendingEvent *ev, const RuleInfo *rule)
 	uint64		nfiles;
 	int			ret;
 
+	if (rule->attach_rows_csv != NULL)
+	{
+		Datum		v[3] = {Int64GetDatum(ev->id), Int64GetDatum(rule->id),
+		CStringGetTextDatum(rule->attach_rows_csv)};
+
+		/* a report's rows as CSV (nothing for an event that carries no rows) */
+		notify_run_plan(csv_plan, v, NULL, false, 0, SPI_OK_INSERT, "storing the CSV of the rows");
+	}
+	if (rule->attachments_query == NULL)
+		return;
 	ret = execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
 						   psprintf("SELECT q.filename::text, q.content_type::text, q.content::bytea "
 									"FROM (%s\n) q", rule->attachments_query),
@@ -779,7 +801,7 @@ fanout_event(const PendingEvent *ev)
 		RuleInfo   *rule = (RuleInfo *) lfirst(lc);
 		ListCell   *dc;
 
-		if (rule->attachments_query == NULL)
+		if (rule->attachments_query == NULL && rule->attach_rows_csv == NULL)
 			continue;
 		foreach(dc, deliveries)
 		{

@@ -39,6 +39,7 @@ int			notify_workers = 2;
 int			notify_smtp_timeout = 60;
 int			notify_smtp_data_timeout = 600;
 char	   *notify_tls_ca_file = NULL;
+char	   *notify_timezone = NULL;
 
 NotifyShared *notify_shared = NULL;
 
@@ -197,6 +198,15 @@ define_settings(void)
 							   "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("notify.timezone",
+							   "Time zone in which schedules' cron expressions are read; empty means the server's timezone setting.",
+							   NULL,
+							   &notify_timezone,
+							   "",
+							   PGC_SIGHUP,
+							   0,
 							   NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("notify");

@@ -30,6 +30,7 @@ extern int	notify_workers;
 extern int	notify_smtp_timeout;
 extern int	notify_smtp_data_timeout;
 extern char *notify_tls_ca_file;
+extern char *notify_timezone;
 
 /* The most workers notify.workers may ask for. */
 #define NOTIFY_MAX_WORKERS 32
@@ -96,6 +97,10 @@ extern int	fanout_pending_events(int batch_size);
 #define SEND_CLAIM_SIZE 16
 extern int	send_due_messages(int batch_size, long *next_due_ms);
 extern void sender_shutdown(void);
+
+/* schedule.c */
+extern bool notify_cron_next(const char *text, TimestampTz after, TimestampTz *next);
+extern int	notify_run_due_schedules(long *next_due_ms);
 
 /* render.c */
 typedef struct RenderedMessage

@@ -198,7 +198,9 @@ run_rounds(void)
 	{
 		int			events;
 		int			sent;
+		int			scheduled;
 		long		next_due = -1;
+		long		next_schedule = -1;
 
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(round_cxt);
@@ -209,12 +211,18 @@ run_rounds(void)
 			notify_wake_workers_except(notify_worker_slot);
 		MemoryContextSwitchTo(round_cxt);
 		sent = send_due_messages(SEND_CLAIM_SIZE, &next_due);
+		MemoryContextSwitchTo(round_cxt);
+		/* schedules go after sending: a report's events are fanned out next round */
+		scheduled = notify_run_due_schedules(&next_schedule);
 		MemoryContextSwitchTo(TopMemoryContext);
 
+		sleep_ms = notify_poll_interval;
 		if (next_due >= 0)
-			sleep_ms = Min((long) notify_poll_interval, next_due);
-		else
-			sleep_ms = notify_poll_interval;
+			sleep_ms = Min(sleep_ms, next_due);
+		if (next_schedule >= 0)
+			sleep_ms = Min(sleep_ms, next_schedule);
+		if (scheduled > 0)
+			sleep_ms = 0;
 		if (events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0)
 			break;
 		if (ConfigReloadPending)

@@ -45,6 +45,9 @@ CREATE TABLE notify.event (
     row         jsonb,
     old         jsonb,
     changed     text[],                 -- UPDATE: changed columns, in table order
+    schedule    text,                   -- SCHEDULE: the schedule that emitted it
+    rows        jsonb,                  -- SCHEDULE with per_row => false: every result row
+    columns     text[],                 -- ... and the result's column names, in order (for CSV)
     occurred_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     processed_at timestamptz,
     status      text NOT NULL DEFAULT 'pending'

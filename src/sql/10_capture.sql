@@ -126,5 +126,8 @@ CREATE FUNCTION notify._event_context(e notify.event) RETURNS jsonb
                FROM pg_catalog.unnest(e.changed) WITH ORDINALITY AS c(col, n)) END,
         'event', pg_catalog.jsonb_build_object(
             'id', e.id, 'type', e.event_type, 'op', e.op, 'table', e.table_name,
-            'occurred_at', e.occurred_at, 'actor', e.actor))
+            'occurred_at', e.occurred_at, 'actor', e.actor, 'schedule', e.schedule))
+    || CASE WHEN e.rows IS NULL THEN '{}'::jsonb
+            ELSE pg_catalog.jsonb_build_object('rows', e.rows,
+                                               'row_count', pg_catalog.jsonb_array_length(e.rows)) END
 $$;

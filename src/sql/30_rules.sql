@@ -142,9 +142,12 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use ''immediate'' or ''off'' (digests are not available in this version).';
     END IF;
-    IF attach_rows_csv IS NOT NULL THEN
-        RAISE EXCEPTION 'attach_rows_csv is not available in this version'
-            USING ERRCODE = 'feature_not_supported';
+    IF attach_rows_csv IS NOT NULL AND (pg_catalog.btrim(attach_rows_csv) = ''
+            OR attach_rows_csv ~ '[[:cntrl:]/\\]' OR pg_catalog.length(attach_rows_csv) > 200) THEN
+        RAISE EXCEPTION 'invalid attach_rows_csv file name % for rule %', pg_catalog.quote_literal(attach_rows_csv),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A plain file name such as ''report.csv'': no path, no control characters, at most 200 characters.';
     END IF;
     IF attachments_query IS NOT NULL THEN
         BEGIN

@@ -20,8 +20,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient, notify.template, notif
     TO notify_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient_group, notify.group_member, notify.supervisor,
     notify.preference, notify.directory TO notify_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON notify.schedule TO notify_admin;
 GRANT SELECT ON notify.event, notify.message, notify.attempt, notify.channel,
-    notify.channels, notify.delivery_log TO notify_admin;
+    notify.channels, notify.delivery_log, notify.schedule_run, notify.schedules, notify.dedupe
+    TO notify_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
 REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;
 
@@ -37,8 +39,12 @@ SELECT pg_catalog.pg_extension_config_dump('notify.group_member', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.supervisor', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.preference', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.directory', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.schedule', '');
+-- what reminders went out already: a restored database must not send them again
+SELECT pg_catalog.pg_extension_config_dump('notify.dedupe', '');
 -- ... with their identity sequences, or a restored database would hand out ids already taken
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.rule', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.schedule', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.watch', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient_group', 'id')::pg_catalog.regclass, '');

@@ -114,6 +114,27 @@ INSERT INTO orders_{variant} (customer_id, salesperson, status, total, currency,
 """
 
 
+# What tells where a trigger's time goes, in a backend's profile.
+PERF_KEYS = [
+    ("PostgresMain", "everything the backend does"),
+    ("exec_simple_query", "one statement, simple protocol"),
+    ("AfterTriggerEndQuery", "the AFTER ROW triggers (unwinding may stop in notify_ext.so)"),
+    ("plpgsql_exec_trigger", "the PL/pgSQL trigger"),
+    ("SPI_execute_plan", "notify.capture's INSERT INTO notify.event"),
+    ("SPI_execute_plan_with_paramlist", "PL/pgSQL's INSERT INTO outbox"),
+    ("standard_ExecutorStart", "executor start-up (both statements)"),
+    ("ExecConstraints", "CHECK constraints, compiled again per statement"),
+    ("to_jsonb", "the row as jsonb"),
+    ("heap_insert", "heap inserts (order and event)"),
+    ("ExecInsertIndexTuples", "index inserts"),
+    ("nextval_internal", "sequences"),
+    ("CommitTransactionCommand", "commit"),
+    ("XLogFlush", "WAL write at commit"),
+    ("SetLatch", "waking the notify_ext workers"),
+    ("secure_write", "replies to the client"),
+]
+
+
 def mirror_event_shape(db):
     """Give outbox notify.event's CHECK constraints and secondary indexes
     (those over columns outbox has too); returns what was done."""
@@ -308,8 +329,12 @@ class Bench:
         return tps, n, lat, us
 
     def run_under_perf(self, variant, seconds, outdir):
-        """One uncounted run with perf record attached to its two backends."""
+        """One uncounted run, `perf record` (cpu-clock, DWARF call graphs)
+        attached to its two backends for a few seconds in its middle; prints
+        the inclusive share of backend time of the functions that tell
+        where capture's time goes, then the self-time top."""
         os.makedirs(outdir, exist_ok=True)
+        seconds = max(seconds, 8)
         pb = subprocess.Popen(self.pgbench_cmd(variant, seconds), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
         pids = []
@@ -319,26 +344,41 @@ class Bench:
                 pids = [r[0] for r in db.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'")]
                 time.sleep(0.05)
+        time.sleep(2)
         data = os.path.join(outdir, f"perf-{variant}.data")
-        record_for = max(1, seconds - 3)
-        rec = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "2000", "-o", data,
-                              "-p", ",".join(map(str, pids)), "--", "sleep", str(record_for)],
+        record_for = min(6, seconds - 4)
+        rec = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384",
+                              "-o", data, "-p", ",".join(map(str, pids)), "--", "sleep", str(record_for)],
                              capture_output=True, text=True)
         out, err = pb.communicate()
         self.inserted[variant] += self.parse(out)[1]
         if rec.returncode != 0:
             print(f"perf record failed: {rec.stderr.strip()}")
             return
-        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
-                              "--sort", "dso,symbol", "--percent-limit", "0.7"],
-                             capture_output=True, text=True)
-        path = os.path.join(outdir, f"perf-{variant}.txt")
-        with open(path, "w") as f:
-            f.write(rep.stdout)
-        lines = [ln for ln in rep.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
-        print(f"-- perf, {variant} (backends {pids}, {record_for}s, full report {path}):")
-        for ln in lines[:35]:
-            print("   " + ln.rstrip())
+        entries = {}
+        for children in (True, False):
+            rep = subprocess.run(["perf", "report", "-i", data, "--stdio",
+                                  "--children" if children else "--no-children",
+                                  "--sort", "symbol", "-g", "none", "--percent-limit", "0.3"],
+                                 capture_output=True, text=True)
+            with open(os.path.join(outdir, f"perf-{variant}-{'children' if children else 'self'}.txt"), "w") as f:
+                f.write(rep.stdout)
+            rows = []
+            for ln in rep.stdout.splitlines():
+                m = re.match(r"^\s*([\d.]+)%\s+(?:([\d.]+)%\s+)?\[(.)\]\s+(\S+)", ln)
+                if m and not m.group(4).startswith("0x"):
+                    rows.append((float(m.group(1)), m.group(4), m.group(3)))
+            if children:
+                for pct, sym, _ in rows:
+                    entries[sym] = max(pct, entries.get(sym, 0))
+            else:
+                top = rows[:15]
+        print(f"-- perf, {variant}: backends {pids}, {record_for}s, reports in {outdir}")
+        print("   share of backend time, inclusive (a function and what it calls):")
+        for sym, what in PERF_KEYS:
+            if sym in entries:
+                print(f"   {entries[sym]:6.2f}%  {sym:<34} {what}")
+        print("   top self time: " + ", ".join(f"{sym} {pct:.1f}%" for pct, sym, _ in top))
 
     def verify(self):
         with self.cluster.connect() as db:
