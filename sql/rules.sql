@@ -91,7 +91,9 @@ SELECT notify.create_rule('r', 'order.created', 'order.created', '{recipient:use
 -- default_mode
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'sometimes');
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => NULL);
-SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'digest');
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', default_mode => 'digest',
+                          digest_schedule => '0 25 * * *');
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}', digest_schedule => NULL);
 -- a CSV attachment's name is a plain file name
 SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
                           attach_rows_csv => '../etc/rows.csv');

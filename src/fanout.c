@@ -167,8 +167,12 @@ prepare_plans(void)
 	insert_message_plan = notify_keep_plan(
 									"INSERT INTO notify.message (event_id, event_type, rule_id, rule_name, "
 									"recipient_key, address, display_name, channel, status, subject, "
-									"text_body, html_body, last_error) "
-									"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+									"text_body, html_body, last_error, next_attempt_at) "
+									"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+			/* a digest entry waits for the end of its period */
+									"        CASE WHEN $9 = 'digest' THEN COALESCE(notify.next_run("
+									"             (SELECT r.digest_schedule FROM notify.rule r WHERE r.id = $3),"
+									"             pg_catalog.now()), pg_catalog.now()) ELSE pg_catalog.now() END)",
 									MSG_NARGS, msg_t);
 	mark_done_plan = notify_keep_plan(
 							   "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'done' "
@@ -650,9 +654,10 @@ plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Json
 				}
 				else if (strcmp(d->mode, "digest") == 0)
 				{
-					/* digests come with the scheduler; until then nothing is held back */
-					d->status = "queued";
-					d->reason = "digest delivery is not available yet: sent immediately";
+					/* held for the digest of the rule's digest_schedule period */
+					d->status = "digest";
+					d->reason = pref ? "recipient's preference: in the next digest"
+						: "rule's default mode: in the next digest";
 				}
 				else
 				{
@@ -822,13 +827,15 @@ fanout_event(const PendingEvent *ev)
 
 		if (d->status == NULL)
 			continue;			/* nobody, or a duplicate: no message */
-		if (strcmp(d->status, "queued") == 0)
+		/* a digest's entries are rendered now, as the message each would have been */
+		if (strcmp(d->status, "queued") == 0 || strcmp(d->status, "digest") == 0)
 		{
 			msg = render_template_value(d->rule->template, d->recipient->locale,
 										context_with_member(d->ctx, "recipient", recipient_value(d->recipient)));
 		}
 		insert_message(ev, d->rule, d->recipient, d->status, msg,
-					   strcmp(d->status, "queued") == 0 ? NULL : d->reason);
+					   (strcmp(d->status, "queued") == 0 || strcmp(d->status, "digest") == 0)
+					   ? NULL : d->reason);
 		count++;
 	}
 	return count;

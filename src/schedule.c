@@ -61,6 +61,7 @@ static SPIPlanPtr advance_plan = NULL;
 static SPIPlanPtr emit_rows_plan = NULL;
 static SPIPlanPtr emit_all_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
+static SPIPlanPtr digests_plan = NULL;
 
 #define SCHEDULE_COLUMNS "s.id, s.name, s.cron, s.query, s.event_type, s.per_row, s.dedupe_key, " \
 	"s.owner::oid, s.next_run"
@@ -69,7 +70,7 @@ static SPIPlanPtr next_due_plan = NULL;
 static void
 prepare_plans(void)
 {
-	if (next_due_plan != NULL)
+	if (digests_plan != NULL)
 		return;
 	due_plan = notify_keep_plan("SELECT " SCHEDULE_COLUMNS " FROM notify.schedule s"
 								" WHERE s.next_run <= pg_catalog.now()"
@@ -145,8 +146,13 @@ prepare_plans(void)
 										 "SELECT pg_catalog.count(*)::integer FROM ins",
 										 5, t);
 	}
-	next_due_plan = notify_keep_plan("SELECT pg_catalog.date_part('epoch', pg_catalog.min(s.next_run) - pg_catalog.now())"
-									 "  FROM notify.schedule s", 0, NULL);
+	next_due_plan = notify_keep_plan("SELECT pg_catalog.date_part('epoch', LEAST("
+									 "   (SELECT pg_catalog.min(s.next_run) FROM notify.schedule s),"
+									 "   (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m"
+									 "     WHERE m.status = 'digest')) - pg_catalog.now())",
+									 0, NULL);
+	/* the last one prepared: a failure half-way prepares again next time */
+	digests_plan = notify_keep_plan("SELECT notify._send_digests(false)", 0, NULL);
 }
 
 /* notify_timezone_tz: the zone schedules are computed in. */
@@ -452,9 +458,10 @@ run_one_due(void)
 
 /*
  * notify_run_due_schedules: run what is due, each schedule in a
- * transaction of its own; *next_due_ms is set to when the next one falls
- * due (-1 when there is none).  Called by the worker outside any
- * transaction.
+ * transaction of its own, then send the digests whose period ended;
+ * *next_due_ms is set to when the next schedule or digest falls due (-1
+ * when there is none).  Returns schedules run plus digests queued.
+ * Called by the worker outside any transaction.
  */
 int
 notify_run_due_schedules(long *next_due_ms)
@@ -479,7 +486,13 @@ notify_run_due_schedules(long *next_due_ms)
 		more = ran < SCHEDULES_PER_ROUND && run_one_due();
 		if (more)
 			ran++;
-		else if (notify_run_plan(next_due_plan, NULL, NULL, true, 1, SPI_OK_SELECT,
+		else
+		{
+			/* digests whose period ended: one mail per rule, recipient and period */
+			if (notify_run_plan(digests_plan, NULL, NULL, false, 1, SPI_OK_SELECT, "sending digests") == 1)
+				ran += DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		if (!more && notify_run_plan(next_due_plan, NULL, NULL, true, 1, SPI_OK_SELECT,
 								 "finding the next schedule") == 1)
 		{
 			Datum		due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

@@ -146,7 +146,7 @@ CREATE TABLE notify.message (
     channel         text NOT NULL,
     status          text NOT NULL DEFAULT 'queued'
                     CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'dead',
-                                      'suppressed', 'cancelled')),
+                                      'suppressed', 'cancelled', 'digest', 'digested')),
     attempts        integer NOT NULL DEFAULT 0,
     subject         text,
     text_body       text,
@@ -162,6 +162,8 @@ CREATE TABLE notify.message (
 CREATE INDEX message_queued_idx ON notify.message (next_attempt_at, id)
     WHERE status IN ('queued', 'sending');
 CREATE INDEX message_event_idx ON notify.message (event_id);
+-- entries held for a digest, by the end of their period (next_attempt_at)
+CREATE INDEX message_digest_idx ON notify.message (next_attempt_at) WHERE status = 'digest';
 
 -- Files a rule's attachments_query returned for an event: shared by that
 -- event's messages of that rule, read by the sender when it builds the mail.

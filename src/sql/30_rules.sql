@@ -136,12 +136,20 @@ BEGIN
     FOREACH spec IN ARRAY recipients LOOP
         PERFORM notify._check_spec(spec);
     END LOOP;
-    IF default_mode IS NULL OR default_mode NOT IN ('immediate', 'off') THEN
+    IF default_mode IS NULL OR default_mode NOT IN ('immediate', 'digest', 'off') THEN
         RAISE EXCEPTION 'invalid default_mode % for rule %', coalesce(pg_catalog.quote_literal(default_mode), 'NULL'),
               pg_catalog.quote_literal(name)
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use ''immediate'' or ''off'' (digests are not available in this version).';
+                  HINT = 'Use ''immediate'', ''digest'' or ''off''.';
     END IF;
+    BEGIN
+        PERFORM notify._cron_check(coalesce(digest_schedule, ''));
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'invalid digest_schedule % for rule %: %', coalesce(pg_catalog.quote_literal(digest_schedule), 'NULL'),
+              pg_catalog.quote_literal(name), SQLERRM
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A cron expression: ''0 8 * * *'' sends each day''s digest at 08:00.';
+    END;
     IF attach_rows_csv IS NOT NULL AND (pg_catalog.btrim(attach_rows_csv) = ''
             OR attach_rows_csv ~ '[[:cntrl:]/\\]' OR pg_catalog.length(attach_rows_csv) > 200) THEN
         RAISE EXCEPTION 'invalid attach_rows_csv file name % for rule %', pg_catalog.quote_literal(attach_rows_csv),

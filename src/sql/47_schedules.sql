@@ -161,3 +161,148 @@ CREATE VIEW notify.schedules AS
       FROM notify.schedule s
       LEFT JOIN LATERAL (SELECT * FROM notify.schedule_run x WHERE x.schedule_id = s.id
                           ORDER BY x.id DESC LIMIT 1) r ON true;
+
+-- Digests: entries (messages in status 'digest', rendered as they would have been sent)
+-- wait for the end of their period, next_attempt_at; then each recipient gets one mail
+-- per rule and period listing them.
+
+-- The fire time before t: the start of the period that ends at t.
+CREATE FUNCTION notify._cron_prev(cron text, t timestamptz) RETURNS timestamptz
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    step  interval := interval '1 hour';
+    probe timestamptz := t - step;
+    prev  timestamptz;
+    nxt   timestamptz;
+BEGIN
+    LOOP
+        prev := notify.next_run(cron, probe);
+        EXIT WHEN prev IS NULL OR prev < t;
+        step := step * 2;
+        IF step > interval '20 years' THEN
+            RETURN NULL;
+        END IF;
+        probe := t - step;
+    END LOOP;
+    IF prev IS NULL THEN
+        RETURN NULL;
+    END IF;
+    LOOP
+        nxt := notify.next_run(cron, prev);
+        EXIT WHEN nxt IS NULL OR nxt >= t;
+        prev := nxt;
+    END LOOP;
+    RETURN prev;
+END
+$$;
+
+CREATE FUNCTION notify._html_escape(s text) RETURNS text
+    LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+               s, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), '"', '&quot;')
+$$;
+
+/*
+ * One mail per rule, recipient and period.  With a template named after the rule's
+ * template plus '.digest', that template renders it with {{#events}} (each: the event's
+ * context plus subject, text, html of its entry), event_count, period_start, period_end,
+ * recipient and rule; without one, the entries follow each other under their subjects.
+ * force: close every open period now (notify.send_digests).  One worker at a time.
+ */
+CREATE FUNCTION notify._send_digests(force boolean) RETURNS integer
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g        record;
+    n        integer := 0;
+    ctx      jsonb;
+    tpl      text;
+    subj     text;
+    txt      text;
+    html     text;
+    msg_id   bigint;
+    p_start  timestamptz;
+    p_end    timestamptz;
+    r_name   text;
+    r_tpl    text;
+    r_cron   text;
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('notify_ext digests')) THEN
+        RETURN 0;
+    END IF;
+    FOR g IN
+        SELECT m.rule_id, pg_catalog.lower(m.address) AS addr, m.next_attempt_at AS due,
+               pg_catalog.array_agg(m.id ORDER BY m.id) AS ids
+          FROM notify.message m
+         WHERE m.status = 'digest' AND (force OR m.next_attempt_at <= pg_catalog.now())
+         GROUP BY m.rule_id, pg_catalog.lower(m.address), m.next_attempt_at
+         ORDER BY m.next_attempt_at, m.rule_id
+    LOOP
+        r_name := NULL; r_tpl := NULL; r_cron := NULL;
+        SELECT r.name, r.template, r.digest_schedule INTO r_name, r_tpl, r_cron
+          FROM notify.rule r WHERE r.id = g.rule_id;
+        p_end := CASE WHEN force THEN LEAST(g.due, pg_catalog.now()) ELSE g.due END;
+        p_start := notify._cron_prev(coalesce(r_cron, '0 8 * * *'), g.due);
+        SELECT pg_catalog.jsonb_build_object(
+                   'events', pg_catalog.jsonb_agg(
+                       coalesce(notify._event_context(e), '{}'::jsonb)
+                       || pg_catalog.jsonb_build_object('subject', m.subject, 'text', m.text_body,
+                                                        'html', m.html_body, 'message_id', m.id)
+                       ORDER BY m.event_id, m.id),
+                   'event_count', pg_catalog.count(*),
+                   'period_start', p_start, 'period_end', p_end,
+                   'rule', pg_catalog.min(m.rule_name),
+                   'recipient', pg_catalog.jsonb_build_object(
+                       'key', pg_catalog.min(m.recipient_key), 'email', pg_catalog.min(m.address),
+                       'display_name', pg_catalog.min(m.display_name))),
+               pg_catalog.string_agg(m.subject || E'\n\n' || coalesce(m.text_body, ''), E'\n\n----------\n\n'
+                                     ORDER BY m.event_id, m.id),
+               CASE WHEN pg_catalog.bool_or(m.html_body IS NOT NULL) THEN
+                   pg_catalog.string_agg('<section><h3>' || notify._html_escape(m.subject) || '</h3>'
+                                         || coalesce(m.html_body, '<pre>' || notify._html_escape(m.text_body) || '</pre>')
+                                         || '</section>', '<hr>' ORDER BY m.event_id, m.id) END
+          INTO ctx, txt, html
+          FROM notify.message m LEFT JOIN notify.event e ON e.id = m.event_id
+         WHERE m.id = ANY (g.ids);
+        tpl := CASE WHEN r_tpl IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM notify.template t WHERE t.name = r_tpl || '.digest')
+                    THEN r_tpl || '.digest' END;
+        IF tpl IS NOT NULL THEN
+            BEGIN
+                SELECT r.subject, r.text_body, r.html_body INTO STRICT subj, txt, html
+                  FROM notify.render(tpl, ctx) r;
+            EXCEPTION WHEN OTHERS THEN
+                -- the entries are not lost for a template that fails: the plain layout
+                RAISE WARNING 'digest template % failed, sending the plain digest: %', tpl, SQLERRM;
+                tpl := NULL;
+            END;
+        END IF;
+        IF tpl IS NULL THEN
+            subj := pg_catalog.format('%s: %s notifications', coalesce(r_name, 'notify'),
+                                      ctx->>'event_count');
+            IF html IS NOT NULL THEN
+                html := '<html><body>' || html || '</body></html>';
+            END IF;
+        END IF;
+        INSERT INTO notify.message (event_id, event_type, rule_id, rule_name, recipient_key, address,
+                                    display_name, channel, status, subject, text_body, html_body)
+        SELECT NULL, m.event_type, m.rule_id, m.rule_name, m.recipient_key, m.address,
+               m.display_name, m.channel, 'queued', subj, txt, html
+          FROM notify.message m WHERE m.id = g.ids[1]
+        RETURNING id INTO msg_id;
+        UPDATE notify.message m SET status = 'digested',
+               smtp_response = pg_catalog.format('in digest message %s', msg_id)
+         WHERE m.id = ANY (g.ids);
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        PERFORM notify._wake_worker();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- SECURITY DEFINER: it writes messages, which notify_admin may only read.
+CREATE FUNCTION notify.send_digests() RETURNS integer
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT notify._send_digests(true)
+$$;

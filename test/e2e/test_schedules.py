@@ -218,3 +218,69 @@ def test_schedule_query_runs_as_its_owner(db, cluster, smtp, uniq):
     with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
         db.execute("SELECT notify.run_schedule(%s)", (f"own_{uniq}",))     # run by a superuser
     assert f"permission denied for table secret_{uniq}" in str(e.value)
+
+
+def digest_rule(db, uniq, etype, digest_schedule="0 8 * * *", default_mode="immediate", digest_tpl=None):
+    db.execute("SELECT notify.set_recipient(%s, %s, %s)", (f"user:a{uniq}", f"a_{uniq}@example.com", "Ana"))
+    db.execute("SELECT notify.set_recipient(%s, %s, %s)", (f"user:b{uniq}", f"b_{uniq}@example.com", "Bea"))
+    db.execute("SELECT notify.set_template(%s, 'Order {{row.n}}', 'Order {{row.n}} for {{row.who}}', "
+               "'<p>Order <b>{{row.n}}</b></p>')", (f"ord_{uniq}",))
+    if digest_tpl:
+        db.execute("SELECT notify.set_template(%s, %s, %s)", (f"ord_{uniq}.digest", *digest_tpl))
+    db.execute("SELECT notify.create_rule(%s, %s, %s, %s, default_mode => %s, digest_schedule => %s)",
+               (f"ord_{uniq}", etype, f"ord_{uniq}", [f"recipient:user:a{uniq}", f"recipient:user:b{uniq}"],
+                default_mode, digest_schedule))
+
+
+def test_digest_preference_holds_events_for_one_mail(db, smtp, uniq):
+    etype = f"order.{uniq}"
+    digest_rule(db, uniq, etype)
+    db.execute("SELECT notify.set_preference(%s, %s, 'digest')", (f"user:a{uniq}", etype))
+    db.execute("SELECT notify.emit(%s, jsonb_build_object('n', g, 'who', 'José <jr>')) "
+               "FROM generate_series(1, 5) g", (etype,))
+    smtp.wait_for(f"b_{uniq}@example.com", count=5)       # Bea: immediate, one each
+    time.sleep(0.5)
+    assert smtp.to(f"a_{uniq}@example.com") == []          # Ana: held for the digest
+    held = db.execute("SELECT count(*), min(next_attempt_at) > now() FROM notify.message "
+                      "WHERE status = 'digest' AND address = %s", (f"a_{uniq}@example.com",)).fetchone()
+    assert held == (5, True)
+    assert db.execute("SELECT notify.send_digests()").fetchone()[0] >= 1
+    [m] = smtp.wait_for(f"a_{uniq}@example.com")
+    assert m.subject == f"ord_{uniq}: 5 notifications"
+    text = m.part("text/plain")
+    assert all(f"Order {n} for José <jr>" in text for n in range(1, 6))
+    assert text.index("Order 1 for") < text.index("Order 5 for")
+    assert "Order <b>3</b>" in m.part("text/html")
+    rows = db.execute("SELECT status, count(*) FROM notify.delivery_log WHERE event_type = %s "
+                      "AND address = %s GROUP BY 1 ORDER BY 1", (etype, f"a_{uniq}@example.com")).fetchall()
+    assert rows == [("digested", 5), ("sent", 1)] or rows == [("digested", 5), ("queued", 1)] \
+        or rows == [("digested", 5), ("sending", 1)]
+    # an empty period sends nothing
+    assert db.execute("SELECT notify.send_digests()").fetchone()[0] == 0
+
+
+def test_digest_template_and_thousands_of_events(db, smtp, uniq):
+    etype = f"bulk.{uniq}"
+    digest_rule(db, uniq, etype, default_mode="digest",
+                digest_tpl=("{{event_count}} orders from {{period_start}} to {{period_end}}",
+                            "{{#events}}#{{row.n}};{{/events}}"))
+    db.execute("SELECT notify.emit(%s, jsonb_build_object('n', g, 'who', 'x')) "
+               "FROM generate_series(1, 2000) g", (etype,))
+    wait_until(lambda: db.execute("SELECT count(*) FROM notify.message WHERE event_type = %s "
+                                  "AND status = 'digest'", (etype,)).fetchone()[0] == 4000,
+               timeout=60, what="4000 digest entries")
+    assert db.execute("SELECT notify.send_digests()").fetchone()[0] >= 2
+    for who in ("a", "b"):
+        [m] = smtp.wait_for(f"{who}_{uniq}@example.com", timeout=30)
+        assert m.subject.startswith("2000 orders from ")
+        body = m.part("text/plain")
+        assert [int(x) for x in body.strip().strip("#;").split(";#")] == list(range(1, 2001))
+
+
+def test_digest_sent_by_the_workers_clock(db, smtp, uniq):
+    etype = f"tick.{uniq}"
+    digest_rule(db, uniq, etype, digest_schedule="* * * * *", default_mode="digest")
+    db.execute("SELECT notify.emit(%s, jsonb_build_object('n', g, 'who', 'x')) FROM generate_series(1, 3) g",
+               (etype,))
+    [m] = smtp.wait_for(f"a_{uniq}@example.com", timeout=75)
+    assert m.subject == f"ord_{uniq}: 3 notifications"

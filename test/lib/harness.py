@@ -63,7 +63,7 @@ class Cluster:
             "shared_preload_libraries": "'notify_ext'",
             "notify.database": f"'{dbname}'",
             "fsync": "off",
-            "log_min_messages": "log",
+            "log_min_messages": "warning",   # "log" would hide ERRORs (LOG ranks above ERROR there)
             "log_line_prefix": "'%m [%p] %b '",
         }
         conf.update(settings or {})
