@@ -5,7 +5,7 @@
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
 
 EXTENSION = notify_ext
-EXTVERSION = 0.1
+EXTVERSION = 0.2
 
 MODULE_big = notify_ext
 OBJS = \
@@ -24,12 +24,14 @@ OBJS = \
 
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+# earlier versions, frozen as released, and the scripts that update them
+DATA = src/sql/upgrade/$(EXTENSION)--0.1.sql src/sql/upgrade/$(EXTENSION)--0.1--0.2.sql
 
-REGRESS = setup capture templates rules channels directory schedules
+REGRESS = setup capture templates rules channels directory schedules security
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)
 
 # -Wno-unused-parameter: PostgreSQL's own headers (bufpage.h inlines) and fmgr callbacks trip it
-PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter
+PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -DNOTIFY_EXT_VERSION='"$(EXTVERSION)"'
 SHLIB_LINK = -lcurl
 EXTRA_CLEAN = results regression.diffs regression.out
 

@@ -83,6 +83,16 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	SPIPlanPtr	plan;
 
 	SPI_connect();
+
+	/*
+	 * As the owner from the start: the statement is parsed, and may be
+	 * planned again, with the rights of whoever is current, and an ERP role
+	 * has none on schema notify (the first insert of a new session would
+	 * fail with "permission denied for schema notify").
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(event_table_owner(),
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	if (insert_event_plan == NULL)
 	{
 		Oid			types[EVENT_NARGS] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TEXTARRAYOID};
@@ -93,10 +103,6 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 		emit_event_plan = notify_keep_plan(psprintf("%s RETURNING id", cols), EVENT_NARGS, types);
 	}
 	plan = want_id ? emit_event_plan : insert_event_plan;
-
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(event_table_owner(),
-						   save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	ret = SPI_execute_plan(plan, values, nulls, false, 0);
 	SetUserIdAndSecContext(save_userid, save_sec);
 

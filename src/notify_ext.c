@@ -48,12 +48,14 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 /* Set when this backend's current transaction wrote an event. */
 static bool wake_at_commit = false;
+static bool wake_all_at_commit = false;	/* CREATE EXTENSION: every worker starts serving */
 static bool xact_callback_registered = false;
 
 void		_PG_init(void);
 static void notify_shmem_request(void);
 static void notify_shmem_startup(void);
 static void notify_xact_callback(XactEvent event, void *arg);
+static void notify_wake_one_worker(void);
 static void define_settings(void);
 static void register_worker(void);
 
@@ -266,6 +268,7 @@ notify_shmem_startup(void)
 	{
 		memset(notify_shared, 0, sizeof(NotifyShared));
 		SpinLockInit(&notify_shared->mutex);
+		pg_atomic_init_u32(&notify_shared->wake_pending, 0);
 		for (int i = 0; i < NOTIFY_MAX_WORKERS; i++)
 			strlcpy(notify_shared->workers[i].state, "starting", sizeof(notify_shared->workers[i].state));
 	}
@@ -288,6 +291,39 @@ notify_wake_workers_except(int slot)
 	SpinLockRelease(&notify_shared->mutex);
 	for (int i = 0; i < n; i++)
 		SetLatch(latches[i]);
+}
+
+/*
+ * notify_wake_one_worker: set the latch of one running worker, an idle one
+ * if any (a worker in the middle of a transfer would make the event wait).
+ */
+static void
+notify_wake_one_worker(void)
+{
+	Latch	   *latch = NULL;
+	static int	next = 0;
+
+	SpinLockAcquire(&notify_shared->mutex);
+	for (int i = 0; i < NOTIFY_MAX_WORKERS && latch == NULL; i++)
+	{
+		NotifyWorkerSlot *w = &notify_shared->workers[(next + i) % NOTIFY_MAX_WORKERS];
+
+		if (w->latch != NULL && strcmp(w->state, "idle") == 0)
+			latch = w->latch;
+	}
+	for (int i = 0; i < NOTIFY_MAX_WORKERS && latch == NULL; i++)
+	{
+		NotifyWorkerSlot *w = &notify_shared->workers[(next + i) % NOTIFY_MAX_WORKERS];
+
+		if (w->latch != NULL)
+			latch = w->latch;
+	}
+	SpinLockRelease(&notify_shared->mutex);
+	next++;
+	if (latch != NULL)
+		SetLatch(latch);
+	else
+		pg_atomic_write_u32(&notify_shared->wake_pending, 0);	/* nobody to wake: the poll finds it */
 }
 
 /* notify_wake_worker: set every worker's latch now. */
@@ -382,15 +418,27 @@ notify_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_at_commit)
+
+			/*
+			 * One worker, once: only the first commit since a worker last
+			 * started a round wakes one (an idle one when there is one); the
+			 * events of later commits are visible to that round, and its
+			 * fan-out wakes the others for the messages.  This runs after the
+			 * commit is visible, so the woken worker sees the event.
+			 */
+			if (wake_all_at_commit)
 				notify_wake_worker();
-			wake_at_commit = false;
+			else if (wake_at_commit && notify_shared != NULL &&
+					 pg_atomic_read_u32(&notify_shared->wake_pending) == 0 &&
+					 pg_atomic_exchange_u32(&notify_shared->wake_pending, 1) == 0)
+				notify_wake_one_worker();
+			wake_at_commit = wake_all_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* a prepared transaction's events are found by the poll */
-			wake_at_commit = false;
+			wake_at_commit = wake_all_at_commit = false;
 			break;
 		default:
 			break;
@@ -435,6 +483,7 @@ notify_check_database(PG_FUNCTION_ARGS)
 				 errhint("Add notify_ext to shared_preload_libraries in postgresql.conf and restart the server.")));
 
 	notify_wake_worker_at_commit();
+	wake_all_at_commit = true;
 	PG_RETURN_VOID();
 }
 
@@ -455,6 +504,13 @@ notify_worker_shmem(PG_FUNCTION_ARGS)
 	int			n = 0;
 
 	InitMaterializedSRF(fcinfo, 0);
+	/* declared by an older version's SQL: refuse rather than write past its row */
+	if (rsinfo->setDesc->natts != 4)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the notify_ext library is version %s but the extension's SQL objects are older",
+						NOTIFY_EXT_VERSION),
+				 errhint("Run ALTER EXTENSION notify_ext UPDATE.")));
 	if (notify_shared == NULL)
 	{
 		Datum		values[4] = {0, 0, 0, 0};

@@ -11,6 +11,7 @@
 
 #include "postgres.h"
 
+#include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
@@ -61,6 +62,7 @@ typedef struct NotifyRateSlot
 typedef struct NotifyShared
 {
 	slock_t		mutex;
+	pg_atomic_uint32 wake_pending;	/* 1: a worker was woken for events and has not looked yet */
 	NotifyWorkerSlot workers[NOTIFY_MAX_WORKERS];
 	NotifyRateSlot rates[NOTIFY_MAX_RATED_CHANNELS];
 } NotifyShared;

@@ -36,6 +36,8 @@
 
 /* Longest pause after repeated errors. */
 #define MAX_ERROR_PAUSE_MS 60000L
+/* How often a serving worker looks whether the extension is still there. */
+#define EXTENSION_CHECK_MS 2000
 
 static MemoryContext round_cxt = NULL;
 
@@ -86,16 +88,43 @@ record_worker_error(const char *msg)
 	SpinLockRelease(&notify_shared->mutex);
 }
 
-/* extension_installed: whether CREATE EXTENSION notify_ext has run here. */
-static bool
-extension_installed(void)
+/* What the worker found of the extension in its database. */
+typedef enum ExtensionState
 {
-	bool		installed;
+	EXT_ABSENT,					/* no CREATE EXTENSION yet, or dropped */
+	EXT_OTHER_VERSION,			/* installed, but not the library's version */
+	EXT_READY
+} ExtensionState;
 
+/*
+ * extension_state: whether CREATE EXTENSION notify_ext has run here, in
+ * the version this library serves (*version: the installed one).
+ */
+static ExtensionState
+extension_state(char *version, size_t len)
+{
+	ExtensionState state = EXT_ABSENT;
+
+	version[0] = '\0';
+	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	installed = OidIsValid(get_extension_oid("notify_ext", true));
+	if (OidIsValid(get_extension_oid("notify_ext", true)))
+	{
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'notify_ext'",
+						true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		{
+			char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+			strlcpy(version, v ? v : "", len);
+			state = strcmp(version, NOTIFY_EXT_VERSION) == 0 ? EXT_READY : EXT_OTHER_VERSION;
+		}
+		SPI_finish();
+		PopActiveSnapshot();
+	}
 	CommitTransactionCommand();
-	return installed;
+	return state;
 }
 
 /*
@@ -205,6 +234,9 @@ run_rounds(void)
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
+		/* a commit from now on wakes a worker again (see notify_xact_callback) */
+		pg_atomic_write_u32(&notify_shared->wake_pending, 0);
+		pg_memory_barrier();
 		events = fanout_round();
 		/* the messages just made are for every worker to send */
 		if (events > 0)
@@ -241,6 +273,8 @@ notify_worker_main(Datum main_arg)
 {
 	volatile bool ready = false;
 	volatile int failures = 0;
+	volatile bool version_warned = false;
+	volatile TimestampTz last_check = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -270,7 +304,33 @@ notify_worker_main(Datum main_arg)
 
 		PG_TRY();
 		{
-			if (!extension_installed())
+			ExtensionState est = EXT_READY;
+			char		version[64];
+
+			/*
+			 * Looked up at most every few seconds once serving: a wake-up per
+			 * commit must not cost a catalog transaction.  A dropped extension
+			 * shows sooner anyway, as an error of the next round.
+			 */
+			if (!ready || TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(), EXTENSION_CHECK_MS))
+			{
+				est = extension_state(version, sizeof(version));
+				last_check = GetCurrentTimestamp();
+			}
+			if (est == EXT_OTHER_VERSION)
+			{
+				if (ready || !version_warned)
+					ereport(WARNING,
+							(errmsg("notify_ext: the extension in database \"%s\" is version %s, the library is %s; nothing is sent until it is updated",
+									notify_database, version, NOTIFY_EXT_VERSION),
+							 errhint("Run ALTER EXTENSION notify_ext UPDATE in database \"%s\".", notify_database)));
+				version_warned = true;
+				if (ready)
+					sender_shutdown();
+				ready = false;
+				notify_set_worker_state("waiting for ALTER EXTENSION UPDATE");
+			}
+			else if (est == EXT_ABSENT)
 			{
 				if (ready)
 				{
@@ -283,6 +343,7 @@ notify_worker_main(Datum main_arg)
 			}
 			else
 			{
+				version_warned = false;
 				if (!ready)
 				{
 					reclaim_orphans();

@@ -30,7 +30,12 @@ $$;
 CREATE FUNCTION notify._stamp_owner() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    NEW.owner := current_user::regrole;
+    -- a superuser may set any owner (pg_restore keeps each row's owner this way);
+    -- anyone else's rows are their own
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false)
+       OR NEW.owner IS NULL THEN
+        NEW.owner := current_user::regrole;
+    END IF;
     RETURN NEW;
 END
 $$;

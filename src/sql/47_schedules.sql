@@ -14,8 +14,9 @@ CREATE TABLE notify.schedule (
     next_run    timestamptz NOT NULL        -- the fire time the worker waits for
 );
 CREATE INDEX schedule_next_run_idx ON notify.schedule (next_run);
--- only a change of what the schedule does changes its owner, not the worker's bookkeeping
-CREATE TRIGGER stamp_owner BEFORE INSERT OR UPDATE OF name, cron, query, event_type, per_row, dedupe_key
+-- whoever changes what the schedule does (or tries to hand it to another role) becomes its
+-- owner; the worker's bookkeeping (next_run) leaves it alone
+CREATE TRIGGER stamp_owner BEFORE INSERT OR UPDATE OF name, cron, query, event_type, per_row, dedupe_key, owner
     ON notify.schedule FOR EACH ROW EXECUTE FUNCTION notify._stamp_owner();
 
 -- One row per run: a silent stop can be seen, a failure read.  A fire time runs once.

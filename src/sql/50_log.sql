@@ -42,9 +42,21 @@ SELECT pg_catalog.pg_extension_config_dump('notify.directory', '');
 SELECT pg_catalog.pg_extension_config_dump('notify.schedule', '');
 -- what reminders went out already: a restored database must not send them again
 SELECT pg_catalog.pg_extension_config_dump('notify.dedupe', '');
+-- the queue and the log: a restored database neither loses nor repeats a message
+SELECT pg_catalog.pg_extension_config_dump('notify.event', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.message', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.attachment', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.schedule_run', '');
 -- ... with their identity sequences, or a restored database would hand out ids already taken
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.rule', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.schedule', 'id')::pg_catalog.regclass, '');
+-- (one call per statement: each updates the extension's catalog row)
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.event', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.message', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.attachment', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.attempt', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.schedule_run', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.watch', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.recipient_group', 'id')::pg_catalog.regclass, '');
