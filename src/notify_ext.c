@@ -39,6 +39,7 @@ int			notify_workers = 2;
 int			notify_smtp_timeout = 60;
 int			notify_smtp_data_timeout = 600;
 char	   *notify_tls_ca_file = NULL;
+int			notify_webhook_timeout = 30;
 
 NotifyShared *notify_shared = NULL;
 
@@ -198,6 +199,15 @@ define_settings(void)
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.webhook_timeout",
+							"How long a webhook request may take, from connecting to the end of the response, before it is given up and retried.",
+							NULL,
+							&notify_webhook_timeout,
+							30, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("notify");
 }
