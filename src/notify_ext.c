@@ -202,7 +202,7 @@ define_settings(void)
 
 	DefineCustomIntVariable("notify.webhook_timeout",
 							"How long a webhook request may take, from connecting to the end of the response, before it is given up and retried.",
-							NULL,
+							"Keep it under notify.lease / 2: a worker renews the leases of its messages between requests.",
 							&notify_webhook_timeout,
 							30, 1, 3600,
 							PGC_SIGHUP,

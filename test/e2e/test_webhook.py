@@ -14,14 +14,16 @@ import pytest
 from psycopg import sql
 
 from harness import free_port, wait_until
+from tls import ThrowawayCA
 
 
 class Gateway:
     """A real HTTP server: records method, path, headers and body of every
     request; answers each path with the statuses queued for it (then 200)."""
 
-    def __init__(self):
+    def __init__(self, tls_context=None):
         self.requests = []
+        self.scheme = "https" if tls_context else "http"
         self.replies = {}       # path -> [(status, body) or ('hang', seconds)], used in order
         self.cond = threading.Condition()
         gateway = self
@@ -61,11 +63,13 @@ class Gateway:
         self.port = free_port()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        if tls_context:
+            self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def reply(self, path, *replies):
         with self.cond:
@@ -276,6 +280,30 @@ def test_timeout_and_refused_connection_are_retried(db, cluster, gateway, uniq):
     assert "connect" in row[4].lower()
     assert attempts_of(db, row[0])[0][:2] == ("retry", None)
     db.execute("SELECT notify.cancel(%s)", (row[0],))
+
+
+def test_https_certificate_is_checked_against_notify_tls_ca_file(db, cluster, uniq):
+    ca = ThrowawayCA()
+    tls_gateway = Gateway(ca.server_context())
+    try:
+        path = f"/tls/{uniq}"
+        etype = webhook_rule(db, uniq, tls_gateway, path)
+        db.execute("SELECT notify.emit(%s, '{\"id\": 12, \"note\": \"x\"}')", (etype,))
+        row = wait_until(lambda: (r := log_rows(db, etype)) and r[0][4] and r[0], what="TLS failure logged")
+        print(row)
+        assert row[2] == "queued", "an untrusted certificate is retried, never ignored"
+        assert "certificate" in row[4].lower() or "ssl" in row[4].lower()
+        assert tls_gateway.to(path) == []
+        set_guc(cluster, db, "notify.tls_ca_file", ca.ca_cert)
+        try:
+            req = tls_gateway.wait_for(path, timeout=20)[0]
+            wait_status(db, etype, "sent")
+        finally:
+            set_guc(cluster, db, "notify.tls_ca_file", None)
+        assert json.loads(req["body"])["order"] == 12
+        assert db.execute("SELECT tls FROM notify.channels WHERE name = %s", (f"sms_{uniq}",)).fetchone()[0] == "verify"
+    finally:
+        tls_gateway.stop()
 
 
 def test_address_is_the_phone_else_the_key(db, gateway, uniq):
