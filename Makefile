@@ -18,6 +18,7 @@ OBJS = \
 	src/render.o \
 	src/sender.o \
 	src/smtp.o \
+	src/webhook.o \
 	src/spi_util.o \
 	src/template.o \
 	src/mime.o

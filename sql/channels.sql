@@ -88,3 +88,92 @@ DROP ROLE regress_notify_ops;
 DROP ROLE regress_notify_nobody;
 DELETE FROM notify.channel;
 SELECT count(*) AS secrets_left FROM notify.channel_secret;
+
+--
+-- webhook channels: notify.set_webhook; the headers (which may carry a
+-- token) are stored with the secrets, and only their names are shown
+--
+SELECT notify.set_webhook('sms', 'https://sms.example.com/api/v1/send?account=erp',
+    $${"to": "{{recipient.phone}}", "text": "{{message.subject}}"}$$,
+    '{"Authorization": "Bearer t0ken!", "X-Account": "erp"}', rate_per_minute => 30);
+SELECT notify.set_webhook('chat', 'http://127.0.0.1:8080/hook', 'New: {{message.subject}}',
+    content_type => 'text/plain; charset=utf-8');
+SELECT notify.set_webhook('team', 'HTTPS://chat.example.com/hooks/T01', '{"text": "{{message.text}}"}',
+    NULL, 'application/vnd.chat+json');
+SELECT name, kind, url, tls, rate_per_minute, content_type, header_names, has_password
+  FROM notify.channels WHERE kind = 'webhook' ORDER BY name;
+SELECT name, body_template FROM notify.channels WHERE name = 'sms';
+-- the view never shows a header value, in any column
+SELECT count(*) AS views_showing_a_header_value
+  FROM notify.channels c WHERE row_to_json(c)::text LIKE '%t0ken%';
+-- set_webhook sets the whole channel: headers not passed are gone
+SELECT notify.set_webhook('sms', 'https://sms.example.com/api/v2/send', '{"to": "{{recipient.phone}}"}');
+SELECT name, url, tls, rate_per_minute, content_type, header_names FROM notify.channels WHERE name = 'sms';
+SELECT channel, headers FROM notify.channel_secret WHERE channel IN ('sms', 'chat', 'team') ORDER BY channel;
+
+-- refused URLs
+SELECT notify.set_webhook('x', 'file:///etc/passwd', '{}');
+SELECT notify.set_webhook('x', 'smtp://mail.example.com:25', '{}');
+SELECT notify.set_webhook('x', 'gopher://host:70/', '{}');
+SELECT notify.set_webhook('x', 'ftp://host/file', '{}');
+SELECT notify.set_webhook('x', 'https://', '{}');
+SELECT notify.set_webhook('x', 'https://user:pw@sms.example.com/send', '{}');
+SELECT notify.set_webhook('x', 'https://token@sms.example.com/send', '{}');
+SELECT notify.set_webhook('x', E'https://sms.example.com/send\r\nX-Evil: 1', '{}');
+SELECT notify.set_webhook('x', E'https://sms.example.com/a\u0001b', '{}');
+SELECT notify.set_webhook('x', ' https://sms.example.com/send', '{}');
+SELECT notify.set_webhook('x', NULL, '{}');
+-- headers: names are tokens, values one line of text; values are never echoed
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', E'{"Authorization": "Bearer abc\\r\\nX-Evil: 1"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": "abc\ndef"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": "a\u0001b"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key\u0001": "v"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": "tab\tbed"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X Key": "v"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key:": "v"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"": "v"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key\r\nX-Evil": "v"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": 42}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": null}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '["Authorization: x"]');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": "a", "x-key": "b"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Type": "text/plain"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Host": "evil.example.com"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Length": "0"}');
+-- the body template is compiled now: a syntax error says where
+SELECT notify.set_webhook('x', 'https://h.example.com/', E'{"to": "{{recipient.phone}}",\n "text": "{{#row.items}}{{name}}"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{"to": "{{recipient.phone}"}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', NULL);
+-- content types
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', content_type => 'json');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', content_type => E'application/json\r\nX-Evil: 1');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', content_type => NULL);
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', content_type => E'text/plain\u0001');
+-- rate and name
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', rate_per_minute => 0);
+SELECT notify.set_webhook('my channel', 'https://h.example.com/', '{}');
+SELECT notify.set_webhook(NULL, 'https://h.example.com/', '{}');
+-- one name, one kind
+SELECT notify.set_smtp('smtp://mail.example.com:25', 'erp@example.com', name => 'mail');
+SELECT notify.set_smtp('smtp://mail.example.com:25', 'erp@example.com', name => 'sms');
+SELECT notify.set_webhook('mail', 'https://h.example.com/', '{}');
+SELECT notify.test_smtp('sms');
+-- nothing of that was stored
+SELECT name, kind, url FROM notify.channels ORDER BY name;
+
+-- notify_admin: may set a webhook and see its header names, never the values
+CREATE ROLE regress_notify_hooks IN ROLE notify_admin;
+SET ROLE regress_notify_hooks;
+SELECT notify.set_webhook('ops-sms', 'https://sms.example.com/send', '{"to": "{{recipient.phone}}"}',
+    '{"Authorization": "Bearer 0ps"}');
+SELECT name, url, header_names FROM notify.channels WHERE name = 'ops-sms';
+SELECT headers FROM notify.channel_secret WHERE channel = 'ops-sms';
+SELECT * FROM notify.channel_secret;
+UPDATE notify.channel SET body_template = '{{{row}}}' WHERE name = 'ops-sms';
+RESET ROLE;
+SELECT headers FROM notify.channel_secret WHERE channel = 'ops-sms';
+
+-- clean up
+DROP ROLE regress_notify_hooks;
+DELETE FROM notify.channel;
+SELECT count(*) AS secrets_left FROM notify.channel_secret;

@@ -53,6 +53,9 @@ typedef struct RuleInfo
 	char	   *attachments_query;	/* NULL: no attachments */
 	char	   *attach_rows_csv;	/* NULL: no CSV of a report's rows */
 	Oid			owner;			/* the role its queries run as */
+	bool		webhook;		/* its channel is a webhook: addressed by phone or key */
+	char	   *body_template;	/* webhook: the channel's body */
+	bool		body_json;		/* webhook: the body is JSON, values are escaped for it */
 	Datum	   *specs;
 	int			nspecs;
 } RuleInfo;
@@ -77,6 +80,7 @@ typedef struct Delivery
 	const RuleInfo *rule;
 	const char *spec;
 	Recipient  *recipient;		/* NULL: the spec resolved to nobody */
+	const char *address;		/* where it goes: email, or a webhook's phone or key */
 	const char *mode;			/* immediate, digest, off */
 	const char *status;			/* queued, suppressed, failed, or NULL: skipped */
 	const char *reason;
@@ -120,8 +124,10 @@ prepare_plans(void)
 						   1, int8_t);
 	rules_plan = notify_keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
-						   "       r.context_query, r.owner::oid, r.attachments_query, r.attach_rows_csv "
-						   "FROM notify.rule r WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
+						   "       r.context_query, r.owner::oid, r.attachments_query, "
+						   "       c.kind, c.body_template, c.content_type, r.attach_rows_csv "
+						   "FROM notify.rule r LEFT JOIN notify.channel c ON c.name = r.channel "
+						   "WHERE r.event_type = $1 AND r.enabled ORDER BY r.id",
 						   1, text_t);
 	directory_plan = notify_keep_plan(
 							   "SELECT d.query, d.owner::oid FROM notify.directory d WHERE d.prefix = $1",
@@ -217,6 +223,24 @@ ascii_lower(const char *s)
 	for (char *p = copy; *p; p++)
 		*p = pg_ascii_tolower((unsigned char) *p);
 	return copy;
+}
+
+/*
+ * content_type_is_json: application/json or any +json type (RFC 6839),
+ * parameters aside: a webhook body of that type escapes values for JSON.
+ */
+static bool
+content_type_is_json(const char *content_type)
+{
+	size_t		len;
+	char	   *type;
+
+	if (content_type == NULL)
+		return false;
+	len = strcspn(content_type, "; ");
+	type = ascii_lower(pnstrdup(content_type, len));
+	return strcmp(type, "application/json") == 0 ||
+		(len > 5 && strcmp(type + len - 5, "+json") == 0);
 }
 
 /* object_value: an empty object with room for n members. */
@@ -620,12 +644,38 @@ plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Json
 				d->ctx = ctx;
 				d->recipient = r;
 				out = lappend(out, d);
-				if (r->email == NULL || r->email[0] == '\0')
+				if (rule->webhook)
 				{
-					d->reason = "recipient has no email address";
-					continue;
+					/*
+					 * A webhook (an SMS gateway) is addressed by phone, else
+					 * by key; field:PATH names a phone number there.
+					 */
+					if (r->key == NULL && r->phone == NULL && strncmp(spec, "field:", 6) == 0)
+					{
+						r->phone = r->email;
+						r->email = NULL;
+					}
+					if (r->phone != NULL && r->phone[0] != '\0')
+						d->address = r->phone;
+					else if (r->key != NULL)
+						d->address = r->key;
+					else
+					{
+						d->reason = "recipient has no phone number and no key";
+						continue;
+					}
+					lowered = pstrdup(d->address);
 				}
-				lowered = ascii_lower(r->email);
+				else
+				{
+					if (r->email == NULL || r->email[0] == '\0')
+					{
+						d->reason = "recipient has no email address";
+						continue;
+					}
+					d->address = r->email;
+					lowered = ascii_lower(r->email);
+				}
 				foreach(sc, seen)
 				{
 					if (strcmp((char *) lfirst(sc), lowered) == 0)
@@ -641,7 +691,7 @@ plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Json
 				if (r->key != NULL)
 					pref = preference_mode(r->key, event_type, rule->channel);
 				d->mode = pref ? pref : rule->default_mode;
-				if (!mime_check_address(r->email, errbuf, sizeof(errbuf)))
+				if (!rule->webhook && !mime_check_address(r->email, errbuf, sizeof(errbuf)))
 				{
 					d->status = "failed";
 					d->reason = psprintf("recipient spec \"%s\": %s", spec, errbuf);
@@ -672,7 +722,7 @@ plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Json
 
 /* insert_message: one notify.message row; status queued, suppressed or failed. */
 static void
-insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
+insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r, const char *address,
 			   const char *status, const RenderedMessage *msg, const char *error)
 {
 	Datum		v[MSG_NARGS];
@@ -685,7 +735,7 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 	v[3] = CStringGetTextDatum(rule->name);
 #define SET_TEXT(i, s) do { if ((s) != NULL) v[i] = CStringGetTextDatum(s); else n[i] = 'n'; } while (0)
 	SET_TEXT(4, r->key);
-	SET_TEXT(5, r->email);
+	SET_TEXT(5, address);
 	SET_TEXT(6, r->display_name);
 	SET_TEXT(7, rule->channel);
 	SET_TEXT(8, status);
@@ -695,6 +745,34 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 	SET_TEXT(12, error);
 #undef SET_TEXT
 	notify_run_plan(insert_message_plan, v, n, false, 0, SPI_OK_INSERT, "queueing a message");
+}
+
+/*
+ * render_webhook_body: what a webhook message POSTs.  The rule's template,
+ * rendered as for mail, is the body's `message` {subject, text}; the
+ * channel's body_template makes the request body out of it and the rest
+ * of the context.  The subject is kept for the log; the body is stored as
+ * the message's text, so the sender only sends bytes.
+ */
+static RenderedMessage *
+render_webhook_body(const RuleInfo *rule, const Recipient *r, const TmplValue *ctx,
+					const RenderedMessage *mail)
+{
+	TmplValue  *message = object_value(2);
+	RenderedMessage *out = palloc0(sizeof(RenderedMessage));
+
+	if (rule->body_template == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("webhook channel \"%s\" of rule \"%s\" has no body_template",
+						rule->channel, rule->name)));
+	object_add(message, "subject", string_value(mail->subject));
+	object_add(message, "text", string_value(mail->text_body));
+	out->subject = mail->subject;
+	out->text_body = render_body_template(rule->channel, rule->body_template, rule->body_json,
+										  r->locale, context_with_member(ctx, "message", message));
+	out->html_body = NULL;
+	return out;
 }
 
 /* load_rules: the enabled rules for an event type. */
@@ -721,7 +799,14 @@ load_rules(const char *event_type)
 		rule->context_query = SPI_getvalue(tup, desc, 7);
 		rule->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 8, &isnull));
 		rule->attachments_query = SPI_getvalue(tup, desc, 9);
-		rule->attach_rows_csv = SPI_getvalue(tup, desc, 10);
+		{
+			char	   *kind = SPI_getvalue(tup, desc, 10);
+
+			rule->webhook = kind != NULL && strcmp(kind, "webhook") == 0;
+		}
+		rule->body_template = SPI_getvalue(tup, desc, 11);
+		rule->body_json = content_type_is_json(SPI_getvalue(tup, desc, 12));
+		rule->attach_rows_csv = SPI_getvalue(tup, desc, 13);
 		specs = DatumGetArrayTypePCopy(SPI_getbinval(tup, desc, 6, &isnull));
 		deconstruct_array(specs, TEXTOID, -1, false, TYPALIGN_INT, &rule->specs, NULL, &rule->nspecs);
 		rules = lappend(rules, rule);
@@ -830,10 +915,13 @@ fanout_event(const PendingEvent *ev)
 		/* a digest's entries are rendered now, as the message each would have been */
 		if (strcmp(d->status, "queued") == 0 || strcmp(d->status, "digest") == 0)
 		{
-			msg = render_template_value(d->rule->template, d->recipient->locale,
-										context_with_member(d->ctx, "recipient", recipient_value(d->recipient)));
+			TmplValue  *ctx = context_with_member(d->ctx, "recipient", recipient_value(d->recipient));
+
+			msg = render_template_value(d->rule->template, d->recipient->locale, ctx);
+			if (d->rule->webhook)
+				msg = render_webhook_body(d->rule, d->recipient, ctx, msg);
 		}
-		insert_message(ev, d->rule, d->recipient, d->status, msg,
+		insert_message(ev, d->rule, d->recipient, d->address, d->status, msg,
 					   (strcmp(d->status, "queued") == 0 || strcmp(d->status, "digest") == 0)
 					   ? NULL : d->reason);
 		count++;
@@ -1032,7 +1120,9 @@ notify_explain(PG_FUNCTION_ARGS)
 			values[2] = CStringGetTextDatum(d->recipient->key);
 		else
 			vnulls[2] = true;
-		if (d->recipient && d->recipient->email)
+		if (d->address)
+			values[3] = CStringGetTextDatum(d->address);
+		else if (d->recipient && d->recipient->email && !d->rule->webhook)
 			values[3] = CStringGetTextDatum(d->recipient->email);
 		else
 			vnulls[3] = true;

@@ -40,6 +40,7 @@ int			notify_smtp_timeout = 60;
 int			notify_smtp_data_timeout = 600;
 char	   *notify_tls_ca_file = NULL;
 char	   *notify_timezone = NULL;
+int			notify_webhook_timeout = 30;
 
 NotifyShared *notify_shared = NULL;
 
@@ -210,6 +211,14 @@ define_settings(void)
 							   PGC_SIGHUP,
 							   0,
 							   NULL, NULL, NULL);
+	DefineCustomIntVariable("notify.webhook_timeout",
+							"How long a webhook request may take, from connecting to the end of the response, before it is given up and retried.",
+							"Keep it under notify.lease / 2: a worker renews the leases of its messages between requests.",
+							&notify_webhook_timeout,
+							30, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("notify");
 }

@@ -32,6 +32,7 @@ extern int	notify_smtp_timeout;
 extern int	notify_smtp_data_timeout;
 extern char *notify_tls_ca_file;
 extern char *notify_timezone;
+extern int	notify_webhook_timeout;
 
 /* The most workers notify.workers may ask for. */
 #define NOTIFY_MAX_WORKERS 32
@@ -121,5 +122,7 @@ extern RenderedMessage *render_template_value(const char *name, const char *loca
 											  const struct TmplValue *ctx);
 extern RenderedMessage *render_template_named(const char *name, const char *locale,
 											  Jsonb *context);
+extern char *render_body_template(const char *channel, const char *source, bool json,
+								  const char *locale, const struct TmplValue *ctx);
 
 #endif							/* NOTIFY_EXT_H */

@@ -28,6 +28,7 @@
 #include "template.h"
 
 PG_FUNCTION_INFO_V1(notify_check_template);
+PG_FUNCTION_INFO_V1(notify_check_body_template);
 PG_FUNCTION_INFO_V1(notify_check_address);
 PG_FUNCTION_INFO_V1(notify_render);
 
@@ -121,6 +122,33 @@ notify_check_template(PG_FUNCTION_ARGS)
 	part = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	src = PG_GETARG_TEXT_PP(2);
 	tmpl_free(compile_or_error(name, part, VARDATA_ANY(src), VARSIZE_ANY_EXHDR(src)));
+	PG_RETURN_VOID();
+}
+
+/*
+ * notify_check_body_template: notify._check_body_template(channel, source),
+ * used by set_webhook: the body is compiled when the channel is stored.
+ */
+Datum
+notify_check_body_template(PG_FUNCTION_ARGS)
+{
+	text	   *src;
+	char	   *channel;
+	TmplError	err;
+	TmplTemplate *t;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_VOID();
+	channel = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	src = PG_GETARG_TEXT_PP(1);
+	memset(&err, 0, sizeof(err));
+	t = tmpl_compile(VARDATA_ANY(src), VARSIZE_ANY_EXHDR(src), &err);
+	if (t == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYNTAX_ERROR),
+				 errmsg("syntax error in body_template of channel \"%s\", line %d, column %d: %s",
+						channel, err.line, err.column, err.message)));
+	tmpl_free(t);
 	PG_RETURN_VOID();
 }
 
@@ -275,6 +303,7 @@ typedef struct CompiledTemplate
  */
 static MemoryContext cache_cxt = NULL;
 static List *cache = NIL;
+static List *body_cache = NIL;	/* of CompiledBody: webhook bodies */
 
 /* render_cache_begin: start caching compiled templates (a fan-out batch). */
 void
@@ -293,6 +322,7 @@ render_cache_end(void)
 		MemoryContextDelete(cache_cxt);
 	cache_cxt = NULL;
 	cache = NIL;
+	body_cache = NIL;
 }
 
 /* compiled_template: the compiled variant of a template for a locale (cached in a batch). */
@@ -345,6 +375,76 @@ render_template_value(const char *name, const char *locale, const TmplValue *ctx
 	if (ct->part[PART_HTML] != NULL)
 		msg->html_body = render_part(name, locale, PART_HTML, ct->part[PART_HTML], ctx);
 	return msg;
+}
+
+/* A webhook channel's body template, compiled, kept for a fan-out batch. */
+typedef struct CompiledBody
+{
+	char	   *channel;
+	char	   *source;
+	TmplTemplate *t;
+} CompiledBody;
+
+/*
+ * render_body_template: a webhook channel's body for one message.  With
+ * json, {{path}} prints as JSON string content (quotes, backslashes and
+ * control characters escaped), so business data cannot break the
+ * document; {{{path}}} stays raw.  Partials are the text bodies of named
+ * templates, in the recipient's locale.  Must run inside an SPI connection.
+ */
+char *
+render_body_template(const char *channel, const char *source, bool json,
+					 const char *locale, const TmplValue *ctx)
+{
+	CompiledBody *cb = NULL;
+	ListCell   *lc;
+	TmplBuf		out = {0};
+	TmplError	err;
+	PartialLookup pl;
+
+	foreach(lc, body_cache)
+	{
+		CompiledBody *c = (CompiledBody *) lfirst(lc);
+
+		if (strcmp(c->channel, channel) == 0 && strcmp(c->source, source) == 0)
+		{
+			cb = c;
+			break;
+		}
+	}
+	if (cb == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cache_cxt ? cache_cxt : CurrentMemoryContext);
+
+		memset(&err, 0, sizeof(err));
+		cb = palloc0(sizeof(CompiledBody));
+		cb->channel = pstrdup(channel);
+		cb->source = pstrdup(source);
+		cb->t = tmpl_compile(source, strlen(source), &err);
+		if (cb->t == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_SYNTAX_ERROR),
+					 errmsg("syntax error in body_template of channel \"%s\", line %d, column %d: %s",
+							channel, err.line, err.column, err.message)));
+		if (cache_cxt != NULL)
+			body_cache = lappend(body_cache, cb);
+		MemoryContextSwitchTo(old);
+	}
+
+	pl.locale = locale;
+	pl.part = PART_TEXT;
+	memset(&err, 0, sizeof(err));
+	if (tmpl_render(cb->t, ctx, json ? TMPL_ESCAPE_JSON : TMPL_ESCAPE_NONE,
+					lookup_partial, &pl, MAX_BODY_BYTES, &out, &err) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("could not render the body_template of channel \"%s\": %s%s",
+						channel, err.message,
+						(err.line > 0 && strstr(err.message, "line ") == NULL)
+						? psprintf(" (line %d, column %d)", err.line, err.column) : "")));
+	if (out.data == NULL)
+		return pstrdup("");
+	return out.data;
 }
 
 /* render_template_named: as render_template_value, from a jsonb context. */

@@ -31,6 +31,7 @@
 #include "mime.h"
 #include "notify_ext.h"
 #include "smtp.h"
+#include "webhook.h"
 
 /* A claimed message and, after sending, its result. */
 typedef struct ClaimedMessage
@@ -45,7 +46,8 @@ typedef struct ClaimedMessage
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
-	SmtpConfig *cfg;			/* its channel; NULL when unusable */
+	SmtpConfig *cfg;			/* its SMTP channel, or */
+	WebhookConfig *hook;		/* its webhook channel; both NULL when unusable */
 	TimestampTz defer_until;	/* rate limit: back to the queue until then */
 	SendResult	result;
 } ClaimedMessage;
@@ -54,7 +56,8 @@ typedef struct ClaimedMessage
 typedef struct BatchChannel
 {
 	char	   *name;
-	SmtpConfig *cfg;			/* NULL: missing, or not an SMTP channel */
+	SmtpConfig *cfg;			/* an SMTP channel, or */
+	WebhookConfig *hook;		/* a webhook channel; both NULL: missing */
 } BatchChannel;
 
 static SmtpPool *pool = NULL;	/* in TopMemoryContext */
@@ -108,7 +111,10 @@ prepare_plans(void)
 						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
 						   4, claim_t);
 	channel_plan = notify_keep_plan(
-							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls, c.rate_per_minute"
+							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls, c.rate_per_minute,"
+							 "       c.content_type,"
+							 "       ARRAY(SELECT h.key FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key),"
+							 "       ARRAY(SELECT h.value #>> '{}' FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key)"
 							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
 							 " WHERE c.name = $1",
 							 1, text_t);
@@ -169,11 +175,35 @@ sender_shutdown(void)
 {
 	smtp_pool_destroy(pool);
 	pool = NULL;
+	webhook_shutdown();
 }
 
-/* load_channel: a channel's settings, palloc'd; false when it does not exist. */
+/* text_array: the elements of a text[] column, palloc'd; their number in *n. */
+static char **
+text_array(HeapTuple tup, TupleDesc desc, int col, int *n)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	char	  **out;
+
+	*n = 0;
+	if (isnull)
+		return NULL;
+	deconstruct_array(DatumGetArrayTypePCopy(d), TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, n);
+	out = palloc0(sizeof(char *) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+		out[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+	return out;
+}
+
+/*
+ * load_channel: a channel's settings, palloc'd, into *cfg (SMTP) or *hook
+ * (webhook) according to *kind; false when it does not exist.
+ */
 static bool
-load_channel(const char *name, SmtpConfig *cfg, char **kind)
+load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind)
 {
 	Datum		arg = CStringGetTextDatum(name);
 	HeapTuple	tup;
@@ -195,6 +225,20 @@ load_channel(const char *name, SmtpConfig *cfg, char **kind)
 		Datum		rate = SPI_getbinval(tup, desc, 7, &isnull);
 
 		cfg->rate_per_minute = isnull ? 0 : DatumGetInt32(rate);
+	}
+	if (strcmp(*kind, "webhook") == 0)
+	{
+		int			nvalues;
+
+		hook->name = cfg->name;
+		hook->url = cfg->url;
+		hook->rate_per_minute = cfg->rate_per_minute;
+		hook->content_type = SPI_getvalue(tup, desc, 8);
+		if (hook->content_type == NULL)
+			hook->content_type = pstrdup("application/json");
+		hook->header_names = text_array(tup, desc, 9, &hook->nheaders);
+		hook->header_values = text_array(tup, desc, 10, &nvalues);
+		Assert(nvalues == hook->nheaders);
 	}
 	return true;
 }
@@ -452,49 +496,58 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 }
 
 /* batch_channel: a channel's settings, looked up once per batch. */
-static SmtpConfig *
+static BatchChannel *
 batch_channel(List **channels, const char *name)
 {
 	ListCell   *lc;
 	BatchChannel *bc;
 	SmtpConfig *cfg = palloc0(sizeof(SmtpConfig));
+	WebhookConfig *hook = palloc0(sizeof(WebhookConfig));
 	char	   *kind = NULL;
 
 	foreach(lc, *channels)
 	{
 		bc = (BatchChannel *) lfirst(lc);
 		if (strcmp(bc->name, name) == 0)
-			return bc->cfg;
+			return bc;
 	}
-	if (!load_channel(name, cfg, &kind) || strcmp(kind, "smtp") != 0)
-		cfg = NULL;
 	bc = palloc0(sizeof(BatchChannel));
 	bc->name = pstrdup(name);
-	bc->cfg = cfg;
+	if (load_channel(name, cfg, hook, &kind))
+	{
+		if (strcmp(kind, "smtp") == 0)
+			bc->cfg = cfg;
+		else if (strcmp(kind, "webhook") == 0)
+			bc->hook = hook;
+	}
 	*channels = lappend(*channels, bc);
-	return cfg;
+	return bc;
 }
 
 /*
  * start_message: put one claimed message in flight, or settle it at once
- * (unusable channel, held back by the rate limit, invalid before sending).
- * Returns true when it is in flight.
+ * (unusable channel, held back by the rate limit, invalid before sending,
+ * or a webhook's request, which is made here and now).  Returns true when
+ * it is in flight.
  */
 static bool
 start_message(ClaimedMessage *m)
 {
 	TimestampTz until = 0;
+	int			rate = m->cfg ? m->cfg->rate_per_minute : m->hook ? m->hook->rate_per_minute : 0;
 
 	m->started = GetCurrentTimestamp();
-	if (m->cfg == NULL)
+	if (m->cfg == NULL && m->hook == NULL)
 	{
+		/* the channel's settings are missing, not the message's: it waits for them */
 		m->result.outcome = SEND_RETRY;
 		snprintf(m->result.error, sizeof(m->result.error),
-				 "channel \"%s\" does not exist or is not an SMTP channel", m->channel);
+				 "channel \"%s\" does not exist", m->channel);
 	}
-	else if (m->cfg->rate_per_minute > 0 &&
-			 !notify_rate_admit(m->channel, m->cfg->rate_per_minute, m->started, &until))
+	else if (rate > 0 && !notify_rate_admit(m->channel, rate, m->started, &until))
 		m->defer_until = until;
+	else if (m->hook != NULL)
+		webhook_send(m->hook, &m->out, &m->result);
 	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m))
 		return true;
 	m->finished = GetCurrentTimestamp();
@@ -538,9 +591,12 @@ send_due_messages(int batch_size, long *next_due_ms)
 	foreach(lc, claimed)
 	{
 		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+		BatchChannel *bc;
 
 		MemoryContextSwitchTo(batch);
-		m->cfg = batch_channel(&channels, m->channel);
+		bc = batch_channel(&channels, m->channel);
+		m->cfg = bc->cfg;
+		m->hook = bc->hook;
 		if (m->has_attachments)
 			load_attachments(m);
 	}
@@ -624,6 +680,7 @@ notify_test_smtp(PG_FUNCTION_ARGS)
 	char	   *name = PG_ARGISNULL(0) ? "email" : text_to_cstring(PG_GETARG_TEXT_PP(0));
 	char	   *send_to = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	SmtpConfig	cfg;
+	WebhookConfig hook;
 	char	   *kind = NULL;
 	char	   *report;
 	char		errbuf[256];
@@ -636,7 +693,7 @@ notify_test_smtp(PG_FUNCTION_ARGS)
 	SPI_connect();
 	MemoryContextSwitchTo(fcxt);
 	prepare_plans();
-	if (!load_channel(name, &cfg, &kind))
+	if (!load_channel(name, &cfg, &hook, &kind))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("channel \"%s\" does not exist", name),

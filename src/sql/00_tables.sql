@@ -91,13 +91,23 @@ CREATE TABLE notify.channel (
     tls             text NOT NULL DEFAULT 'verify'
                     CHECK (tls IN ('verify', 'require', 'try', 'off')),
     rate_per_minute integer CHECK (rate_per_minute > 0),
-    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- webhook: what is POSTed (a Mustache source rendered at fan-out) and as what type
+    body_template   text,
+    content_type    text,
+    CHECK (kind <> 'webhook' OR (body_template IS NOT NULL AND content_type IS NOT NULL))
 );
 
--- Secrets live apart: only the extension's owner (and the worker) can read them.
+/*
+ * Secrets live apart: only the extension's owner (and the worker) can read
+ * them.  A webhook's headers are here as a whole (name -> value): they
+ * often carry a token (Authorization: Bearer ...); notify.channels shows
+ * their names only.
+ */
 CREATE TABLE notify.channel_secret (
     channel  text PRIMARY KEY REFERENCES notify.channel (name) ON DELETE CASCADE,
-    password text
+    password text,
+    headers  jsonb
 );
 
 CREATE TABLE notify.rule (

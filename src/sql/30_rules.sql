@@ -127,7 +127,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = create_rule.channel) THEN
         RAISE EXCEPTION 'channel % does not exist (rule %)', coalesce(pg_catalog.quote_literal(channel), 'NULL'),
               pg_catalog.quote_literal(name)
-            USING ERRCODE = 'undefined_object', HINT = 'Configure it first with notify.set_smtp.';
+            USING ERRCODE = 'undefined_object', HINT = 'Configure it first with notify.set_smtp or notify.set_webhook.';
     END IF;
     IF recipients IS NULL OR pg_catalog.cardinality(recipients) = 0 THEN
         RAISE EXCEPTION 'rule % has no recipients', pg_catalog.quote_literal(name)

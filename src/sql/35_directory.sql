@@ -249,7 +249,7 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = set_preference.channel) THEN
         RAISE EXCEPTION 'channel % does not exist', notify._quoted(channel)
-            USING ERRCODE = 'undefined_object', HINT = 'Configure it first with notify.set_smtp.';
+            USING ERRCODE = 'undefined_object', HINT = 'Configure it first with notify.set_smtp or notify.set_webhook.';
     END IF;
     INSERT INTO notify.preference AS p (recipient_key, event_type, channel, mode)
     VALUES (set_preference.recipient_key, set_preference.event_type, set_preference.channel,

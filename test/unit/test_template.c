@@ -231,6 +231,71 @@ test_escaping(void)
 	expect_html("<b>&'\"</b>", "{}", "<b>&'\"</b>");
 }
 
+/*
+ * test_json_body - a webhook's JSON body: whatever the business data holds
+ * (quotes, backslashes, line breaks, control characters, non-ASCII, a
+ * closing brace), the rendered document parses and every string member
+ * reads back exactly as the data had it.  Raw tags stay raw.
+ */
+static void
+test_json_body(void)
+{
+	const char *tmpl = "{\"to\": \"{{phone}}\", \"text\": \"{{note}}\", \"n\": {{n}}, \"ok\": {{ok}},\n"
+		" \"items\": \"{{#items}}{{.}};{{/items}}\", \"none\": \"{{^items}}x{{/items}}{{missing}}\","
+		" \"row\": \"{{row}}\"}";
+	const char *data = "{\"phone\": \"+34 600\", \"note\": \"He said \\\"hi\\\"\\n\\r\\t\\\\ \\u0001\\u001f"
+		"\\u007f \\u00e9\\u2028 }\\\"}, {\", \"n\": 1000.50, \"ok\": true,"
+		" \"items\": [\"a\\\"\", \"b\\n\"], \"row\": {\"k\": \"v\\\"\"}}";
+	TmplBuf		out = {0};
+	TmplError	err;
+	char		errbuf[256];
+	TmplValue  *doc = NULL;
+	const TmplValue *v;
+
+	CHECK(run(tmpl, strlen(tmpl), data, TMPL_ESCAPE_JSON, NULL, 0, &out, &err) == 0);
+	if (out.data != NULL)
+		doc = tmpl_json_parse(out.data, out.len, errbuf, sizeof(errbuf));
+	CHECK(doc != NULL);
+	if (doc == NULL)
+		printf("  rendered: %s\n  %s\n", out.data ? out.data : "(nothing)", errbuf);
+	else
+	{
+		v = tmpl_value_get(doc, "to");
+		CHECK(v != NULL && v->kind == TV_STRING && strcmp(v->str, "+34 600") == 0);
+		v = tmpl_value_get(doc, "text");
+		CHECK(v != NULL && v->kind == TV_STRING &&
+			  strcmp(v->str, "He said \"hi\"\n\r\t\\ \x01\x1f\x7f \xC3\xA9\xE2\x80\xA8 }\"}, {") == 0);
+		v = tmpl_value_get(doc, "n");
+		CHECK(v != NULL && v->kind == TV_NUMBER && strcmp(v->str, "1000.50") == 0);
+		v = tmpl_value_get(doc, "ok");
+		CHECK(v != NULL && v->kind == TV_BOOL && v->boolean);
+		v = tmpl_value_get(doc, "items");
+		CHECK(v != NULL && v->kind == TV_STRING && strcmp(v->str, "a\";b\n;") == 0);
+		v = tmpl_value_get(doc, "none");
+		CHECK(v != NULL && v->kind == TV_STRING && v->len == 0);
+		/* an object prints as its JSON text, which is itself escaped as string content */
+		v = tmpl_value_get(doc, "row");
+		CHECK(v != NULL && v->kind == TV_STRING && strcmp(v->str, "{\"k\":\"v\\\"\"}") == 0);
+	}
+	tmpl_value_free(doc);
+	tmpl_buf_free(&out);
+
+	/* control characters use the short escapes where JSON has them, \uXXXX otherwise */
+	expect_render("{{s}}", "{\"s\": \"a\\u0002\\u001b\\u007f\"}", TMPL_ESCAPE_JSON, NULL,
+				  "a\\u0002\\u001B\x7f");
+	/* raw tags are left alone: the template's author asked for it */
+	expect_render("{{& s}}|{{{s}}}", "{\"s\": \"\\\"}\"}", TMPL_ESCAPE_JSON, NULL, "\"}|\"}");
+	/* template text is never escaped, only values */
+	expect_render("{\"a\": \"\\n{{s}}\"}", "{\"s\": \"\\n\"}", TMPL_ESCAPE_JSON, NULL,
+				  "{\"a\": \"\\n\\n\"}");
+	/* a partial's values are escaped the same way */
+	{
+		static const char *const pairs[] = {"sig", "{{s}}", NULL};
+
+		expect_render("\"{{> sig}}\"", "{\"s\": \"q\\\"\"}", TMPL_ESCAPE_JSON, pairs, "\"q\\\"\"");
+	}
+}
+
 /* test_values - how each kind of value prints */
 static void
 test_values(void)
@@ -869,6 +934,7 @@ int
 main(void)
 {
 	test_escaping();
+	test_json_body();
 	test_values();
 	test_names();
 	test_sections();
