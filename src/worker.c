@@ -36,8 +36,6 @@
 
 /* Longest pause after repeated errors. */
 #define MAX_ERROR_PAUSE_MS 60000L
-/* How often a serving worker looks whether the extension is still there. */
-#define EXTENSION_CHECK_MS 2000
 
 static MemoryContext round_cxt = NULL;
 
@@ -274,7 +272,6 @@ notify_worker_main(Datum main_arg)
 	volatile bool ready = false;
 	volatile int failures = 0;
 	volatile bool version_warned = false;
-	volatile TimestampTz last_check = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -308,15 +305,10 @@ notify_worker_main(Datum main_arg)
 			char		version[64];
 
 			/*
-			 * Looked up at most every few seconds once serving: a wake-up per
-			 * commit must not cost a catalog transaction.  A dropped extension
-			 * shows sooner anyway, as an error of the next round.
+			 * At every wake-up (once per burst of commits, not per commit): a
+			 * round against a dropped extension would only fail.
 			 */
-			if (!ready || TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(), EXTENSION_CHECK_MS))
-			{
-				est = extension_state(version, sizeof(version));
-				last_check = GetCurrentTimestamp();
-			}
+			est = extension_state(version, sizeof(version));
 			if (est == EXT_OTHER_VERSION)
 			{
 				if (ready || !version_warned)
