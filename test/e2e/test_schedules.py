@@ -284,3 +284,24 @@ def test_digest_sent_by_the_workers_clock(db, smtp, uniq):
                (etype,))
     [m] = smtp.wait_for(f"a_{uniq}@example.com", timeout=75)
     assert m.subject == f"ord_{uniq}: 3 notifications"
+
+
+def test_missed_runs_happen_once_on_return(db, smtp, uniq):
+    """A schedule whose fire times passed while the server was down (here: its
+    next run set three days back) runs once when the worker sees it, then
+    waits for its next time: no burst of 72 hourly runs."""
+    to = f"missed_{uniq}@example.com"
+    rule(db, f"missed_{uniq}", f"missed.{uniq}", "missed", ".", [f"email:{to}"])
+    db.execute("SELECT notify.schedule(%s, '@hourly', 'SELECT 1 AS x', %s)", (f"missed_{uniq}", f"missed.{uniq}"))
+    db.execute("UPDATE notify.schedule SET next_run = now() - interval '3 days' WHERE name = %s", (f"missed_{uniq}",))
+    db.execute("SELECT notify._wake_worker()")
+    smtp.wait_for(to, timeout=20)
+    time.sleep(2)
+    runs = db.execute("SELECT r.fire_time < now() - interval '2 days', r.status, r.events FROM notify.schedule_run r "
+                      "JOIN notify.schedule s ON s.id = r.schedule_id WHERE s.name = %s", (f"missed_{uniq}",)).fetchall()
+    nxt = db.execute("SELECT next_run > now(), next_run < now() + interval '1 hour 1 minute' "
+                     "FROM notify.schedule WHERE name = %s", (f"missed_{uniq}",)).fetchone()
+    assert runs == [(True, "ok", 1)], runs
+    assert nxt == (True, True)
+    assert len(smtp.to(to)) == 1
+    db.execute("SELECT notify.unschedule(%s)", (f"missed_{uniq}",))
