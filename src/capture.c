@@ -253,23 +253,57 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	return id;
 }
 
-/* tuple_to_jsonb: to_jsonb(row), with PostgreSQL's own rules for every type. */
+/* A to_jsonb call expression for one row type, kept for the backend's life. */
+typedef struct RowTypeExpr
+{
+	Oid			type;
+	int32		typmod;
+	Node	   *expr;
+} RowTypeExpr;
+
+static List *row_type_exprs = NIL;	/* in TopMemoryContext; one per watched row type */
+
+/*
+ * tuple_to_jsonb: to_jsonb(row), with PostgreSQL's own rules for every
+ * type.  to_jsonb reads its argument's type from the call expression,
+ * which is built once per row type.
+ */
 static Datum
 tuple_to_jsonb(HeapTuple tuple, TupleDesc tupdesc)
 {
 	Datum		composite = heap_copy_tuple_as_datum(tuple, tupdesc);
-	FuncExpr   *expr;
+	RowTypeExpr *found = NULL;
+	ListCell   *lc;
 
 	if (!to_jsonb_ready)
 	{
 		fmgr_info_cxt(F_TO_JSONB, &to_jsonb_finfo, TopMemoryContext);
 		to_jsonb_ready = true;
 	}
-	/* to_jsonb reads its argument's type from the call expression */
-	expr = makeFuncExpr(F_TO_JSONB, JSONBOID,
-						list_make1(makeNullConst(tupdesc->tdtypeid, tupdesc->tdtypmod, InvalidOid)),
-						InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
-	to_jsonb_finfo.fn_expr = (Node *) expr;
+	foreach(lc, row_type_exprs)
+	{
+		RowTypeExpr *r = (RowTypeExpr *) lfirst(lc);
+
+		if (r->type == tupdesc->tdtypeid && r->typmod == tupdesc->tdtypmod)
+		{
+			found = r;
+			break;
+		}
+	}
+	if (found == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		found = palloc(sizeof(RowTypeExpr));
+		found->type = tupdesc->tdtypeid;
+		found->typmod = tupdesc->tdtypmod;
+		found->expr = (Node *) makeFuncExpr(F_TO_JSONB, JSONBOID,
+											list_make1(makeNullConst(tupdesc->tdtypeid, tupdesc->tdtypmod, InvalidOid)),
+											InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
+		row_type_exprs = lappend(row_type_exprs, found);
+		MemoryContextSwitchTo(old);
+	}
+	to_jsonb_finfo.fn_expr = found->expr;
 	return FunctionCall1(&to_jsonb_finfo, composite);
 }
 
