@@ -116,6 +116,14 @@ prepare_plans(void)
 	/*
 	 * $2 is the new status; a retry goes back to the queue after the
 	 * backoff ($5 seconds), unless attempts are spent ($6 = max).
+	 *
+	 * "(status || '') = 'sending'" here and in defer_plan and renew_plan:
+	 * a plain "status = 'sending'" implies message_queued_idx's predicate,
+	 * and a generic plan made while the table was small (a fresh queue)
+	 * then reads the row by id through that index, whose leading column
+	 * is next_attempt_at: every lookup scans the whole queue's index
+	 * (test/bench/delivery.py: 155 buffers per message at 16,000 queued).
+	 * Written so, only the primary key can serve "id = $1".
 	 */
 	record_plan = notify_keep_plan(
 							"UPDATE notify.message SET"
@@ -127,7 +135,7 @@ prepare_plans(void)
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => $5)"
 							"      ELSE next_attempt_at END,"
 							"  lease_until = NULL "
-							"WHERE id = $1 AND status = 'sending' AND attempts = $7",
+							"WHERE id = $1 AND (status || '') = 'sending' AND attempts = $7",
 							7, record_t);
 	attempt_plan = notify_keep_plan(
 							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
@@ -149,12 +157,12 @@ prepare_plans(void)
 		defer_plan = notify_keep_plan(
 							   "UPDATE notify.message SET status = 'queued', attempts = attempts - 1,"
 							   "       next_attempt_at = $2, lease_until = NULL"
-							   " WHERE id = $1 AND status = 'sending' AND attempts = $3",
+							   " WHERE id = $1 AND (status || '') = 'sending' AND attempts = $3",
 							   3, defer_t);
 		/* messages still ours, in flight or waiting their turn: keep them ours */
 		renew_plan = notify_keep_plan(
 							   "UPDATE notify.message SET lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
-							   " WHERE id = ANY ($1) AND status = 'sending'",
+							   " WHERE id = ANY ($1) AND (status || '') = 'sending'",
 							   2, renew_t);
 	}
 	next_due_plan = notify_keep_plan(
@@ -593,6 +601,13 @@ send_due_messages(int batch_size, long *next_due_ms)
 		commit_results(claimed, batch, false);
 		notify_set_worker_state("idle");
 	}
+
+	/*
+	 * A full batch: the caller claims again at once, so when the next
+	 * message falls due does not matter (and finding it reads the queue).
+	 */
+	if (list_length(claimed) >= batch_size)
+		return list_length(claimed);
 
 	begin_work("notify_ext: next due");
 	if (notify_run_plan(next_due_plan, NULL, NULL, true, 1, SPI_OK_SELECT, "finding the next due message") == 1)
