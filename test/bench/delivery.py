@@ -34,6 +34,7 @@ import argparse
 import email.utils
 import os
 import re
+import resource
 import shutil
 import signal
 import smtplib
@@ -79,19 +80,24 @@ def run_smtp_source(n, sessions):
     sink = SmtpSink()
     try:
         cpu0 = proc_cpu(sink.proc.pid)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         subprocess.run([SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(n), "-l", "2000",
                         "-f", FROM, "-t", "rcpt@example.com", f"127.0.0.1:{sink.port}"],
                        check=True, capture_output=True)
         elapsed = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         got = sink.messages()
         sink_cpu = proc_cpu(sink.proc.pid) - cpu0
     finally:
         sink.stop()
     assert got == n, f"smtp-sink counted {got} of {n}"
     print(f"smtp-source: {n} messages, {sessions} sessions, 2000-byte payload: {elapsed:.2f} s = "
-          f"{n / elapsed:.0f} msgs/s (smtp-sink counted {got}; sink CPU {sink_cpu:.2f} s)")
-    return n / elapsed
+          f"{n / elapsed:.0f} msgs/s (smtp-sink counted {got})")
+    print(f"  CPU: smtp-source {client_cpu:.2f} s ({1e6 * client_cpu / n:.0f} us/msg), "
+          f"smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
+    return n / elapsed, client_cpu / n
 
 
 def run_python(c, n):
@@ -110,9 +116,12 @@ def run_python(c, n):
                             FROM generate_series(1, %s::int) g""", (PAD, n))
             db.execute("VACUUM ANALYZE outbox")
         conn = c.connect(autocommit=False)
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.commit()
         smtp = smtplib.SMTP("127.0.0.1", sink.port)
         smtp.ehlo()
         sent = 0
+        cpu0 = (time.process_time(), proc_cpu(backend), proc_cpu(sink.proc.pid))
         t0 = time.monotonic()
         while True:
             rows = conn.execute("""UPDATE outbox SET status = 'sending'
@@ -134,6 +143,8 @@ def run_python(c, n):
             conn.commit()
             sent += len(rows)
         elapsed = time.monotonic() - t0
+        py_cpu, be_cpu, sink_cpu = (time.process_time() - cpu0[0], proc_cpu(backend) - cpu0[1],
+                                    proc_cpu(sink.proc.pid) - cpu0[2])
         smtp.quit()
         conn.close()
         got = sink.messages()
@@ -142,7 +153,9 @@ def run_python(c, n):
     assert sent == n and got == n, (sent, got)
     print(f"python (smtplib, 1 connection, outbox claimed by 100): {n} messages in {elapsed:.2f} s = "
           f"{n / elapsed:.0f} msgs/s (smtp-sink counted {got})")
-    return n / elapsed
+    print(f"  CPU: python {py_cpu:.2f} s + its backend {be_cpu:.2f} s = {1e6 * (py_cpu + be_cpu) / n:.0f} us/msg, "
+          f"smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
+    return n / elapsed, (py_cpu + be_cpu) / n
 
 
 def wait_sent(db, first_id, n, timeout):
@@ -232,7 +245,7 @@ def run_notify(c, sink, n, first_row, perf=None):
     print(f"  CPU: {len(pids)} workers {worker_cpu:.2f} s ({1e6 * worker_cpu / n:.0f} us/msg), "
           f"other postgres processes {other_cpu:.2f} s, smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
     assert got == n, f"smtp-sink counted {got} of {n}"
-    return n / elapsed
+    return n / elapsed, (worker_cpu + other_cpu) / n
 
 
 def setup_notify(c, sink, workers):
@@ -277,13 +290,17 @@ def main():
     c = Cluster(settings=settings)
     sink = SmtpSink()
     res = {"notify": [], "source": [], "python": []}
+    cpu = {"notify": [], "source": [], "python": []}
     try:
         setup_notify(c, sink, args.workers)
         for r in range(args.rounds):
             print(f"-- round {r + 1}, load average {loadavg()}")
-            res["source"].append(run_smtp_source(n, args.workers))
-            res["notify"].append(run_notify(c, sink, n, 1 + r * n, args.perf))
-            res["python"].append(run_python(c, n))
+            for key, run in (("source", lambda: run_smtp_source(n, args.workers)),
+                             ("notify", lambda: run_notify(c, sink, n, 1 + r * n, args.perf)),
+                             ("python", lambda: run_python(c, n))):
+                rate, per_msg = run()
+                res[key].append(rate)
+                cpu[key].append(per_msg)
     finally:
         sink.stop()
         if args.auto_explain is not None:
@@ -294,7 +311,10 @@ def main():
     print(f"delivery: notify {med['notify']:.0f} msgs/s, smtp-source {med['source']:.0f} msgs/s, "
           f"python {med['python']:.0f} msgs/s{note}; "
           f"notify/smtp-source = {med['notify'] / med['source']:.2f} (target >= {TARGET_SOURCE}), "
-          f"notify/python = {med['notify'] / med['python']:.2f} (target >= {TARGET_PYTHON:g})")
+          f"notify/python = {med['notify'] / med['python']:.2f} (target >= {TARGET_PYTHON:g}); "
+          f"client CPU/msg (sink excluded): notify {1e6 * statistics.median(cpu['notify']):.0f} us, "
+          f"smtp-source {1e6 * statistics.median(cpu['source']):.0f} us, "
+          f"python {1e6 * statistics.median(cpu['python']):.0f} us")
 
 
 if __name__ == "__main__":
