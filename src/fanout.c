@@ -117,10 +117,16 @@ prepare_plans(void)
 	/* the last one prepared: a failure half-way prepares again next time */
 	if (mark_failed_plan != NULL)
 		return;
+	/*
+	 * The context is built above the lock: in the same SELECT list it would
+	 * be built for every row the scan passes, including those another
+	 * worker holds and SKIP LOCKED then drops.
+	 */
 	claim_plan = notify_keep_plan(
-						   "SELECT e.id, e.event_type, notify._event_context(e) "
-						   "FROM notify.event e WHERE e.processed_at IS NULL "
-						   "ORDER BY e.id LIMIT $1 FOR UPDATE SKIP LOCKED",
+						   "SELECT (c.e).id, (c.e).event_type, notify._event_context(c.e) "
+						   "FROM (SELECT e FROM notify.event e WHERE e.processed_at IS NULL "
+						   "      ORDER BY e.id LIMIT $1 FOR UPDATE SKIP LOCKED) c "
+						   "ORDER BY (c.e).id",
 						   1, int8_t);
 	rules_plan = notify_keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
@@ -986,7 +992,6 @@ try_fanout_event(PendingEvent *ev, MemoryContext outer, MemoryContext event_cxt)
 	PG_TRY();
 	{
 		fanout_event(ev);
-		mark_event(ev->id, NULL);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(outer);
 		CurrentResourceOwner = owner;
@@ -1040,8 +1045,14 @@ fanout_pending_events(int batch_size)
 			ereport(LOG,
 					(errmsg("notify_ext: event %lld (%s) failed: %s",
 							(long long) ev->id, ev->event_type, error)));
-			mark_event(ev->id, error);
 		}
+
+		/*
+		 * Marked here, in the transaction that locked the event: an update
+		 * from the subtransaction would turn the row's lock into a
+		 * MultiXact, which every later claim's scan then has to look up.
+		 */
+		mark_event(ev->id, error);
 		MemoryContextReset(event_cxt);
 	}
 	render_cache_end();
