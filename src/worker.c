@@ -125,6 +125,37 @@ extension_state(char *version, size_t len)
 	return state;
 }
 
+/* maybe_dropped: an error that a DROP EXTENSION under a running round raises. */
+static bool
+maybe_dropped(ErrorData *edata)
+{
+	return edata->sqlerrcode == ERRCODE_UNDEFINED_TABLE ||
+		edata->sqlerrcode == ERRCODE_UNDEFINED_FUNCTION ||
+		edata->sqlerrcode == ERRCODE_UNDEFINED_OBJECT ||
+		edata->sqlerrcode == ERRCODE_INVALID_SCHEMA_NAME ||
+		edata->sqlerrcode == ERRCODE_UNDEFINED_SCHEMA;
+}
+
+/* extension_gone: whether the extension is absent now (false if that cannot be told). */
+static bool
+extension_gone(void)
+{
+	char		version[64];
+	volatile bool gone = false;
+
+	PG_TRY();
+	{
+		gone = extension_state(version, sizeof(version)) == EXT_ABSENT;
+	}
+	PG_CATCH();
+	{
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	return gone;
+}
+
 /*
  * reclaim_orphans: at start, messages left 'sending' by this worker's slot
  * can only belong to a predecessor that died: take them back at once
@@ -356,17 +387,36 @@ notify_worker_main(Datum main_arg)
 		{
 			ErrorData  *edata;
 
+			bool		dropped;
+
 			MemoryContextSwitchTo(TopMemoryContext);
 			edata = CopyErrorData();
-			EmitErrorReport();
+			dropped = maybe_dropped(edata);
+			if (!dropped)
+				EmitErrorReport();
 			FlushErrorState();
 			AbortCurrentTransaction();
+
+			/*
+			 * A DROP EXTENSION in the middle of a round is no error: say what
+			 * happened, and wait for the extension as at start.
+			 */
+			if (dropped && !extension_gone())
+				ereport(WARNING, (errmsg("notify_ext: %s", edata->message)));
+			else if (dropped)
+			{
+				ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\" during a round; waiting for it to be created again",
+									 notify_database)));
+				sender_shutdown();
+			}
 			record_worker_error(edata->message);
 			FreeErrorData(edata);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			/* a persistent fault must not make the worker spin */
 			failures++;
 			sleep_ms = Min(MAX_ERROR_PAUSE_MS, 1000L << Min(failures, 6));
+			if (dropped && extension_gone())
+				sleep_ms = 0;		/* not a fault: go and wait for CREATE EXTENSION */
 			ready = false;
 		}
 		PG_END_TRY();
