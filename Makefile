@@ -3,7 +3,7 @@
 #   make installcheck            pg_regress tests (needs a server with notify_ext preloaded
 #                                and notify.database = contrib_regression; see test/run)
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
-#   make bench                   the benchmarks in test/bench (install the extension first; ~7 min)
+#   make bench                   the benchmarks in test/bench (install the extension first; ~8 min)
 
 EXTENSION = notify_ext
 EXTVERSION = 0.2
