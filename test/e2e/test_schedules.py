@@ -7,18 +7,10 @@ import time
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from harness import wait_until
+from harness import wait_until, set_guc
 
 
-def set_guc(cluster, db, name, value):
-    if value is None:
-        db.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
-    else:
-        db.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(str(value))))
-    cluster.reload()
-    time.sleep(0.5)
 
 
 @pytest.fixture

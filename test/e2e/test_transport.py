@@ -8,8 +8,7 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 
-from harness import free_port, wait_until
-from psycopg import sql
+from harness import free_port, wait_until, set_guc
 
 from tls import ThrowawayCA
 
@@ -19,13 +18,6 @@ def ca():
     return ThrowawayCA()
 
 
-def set_guc(cluster, db, name, value):
-    if value is None:
-        db.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
-    else:
-        db.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(str(value))))
-    cluster.reload()
-    time.sleep(1.0)     # the workers read the file at their next wake-up
 
 
 def channel_rule(db, uniq, url, tls, to, rate=None):

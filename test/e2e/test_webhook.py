@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness import free_port, wait_until
+from harness import free_port, wait_until, set_guc
 from tls import ThrowawayCA
 
 
@@ -138,13 +138,6 @@ def wait_status(db, etype, status, timeout=20):
                       timeout=timeout, what=f"messages {status}")
 
 
-def set_guc(cluster, db, name, value):
-    if value is None:
-        db.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
-    else:
-        db.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(str(value))))
-    cluster.reload()
-    time.sleep(1.0)     # the workers read the file at their next wake-up
 
 
 def test_s14_same_event_by_mail_and_by_webhook(db, smtp, gateway, uniq):

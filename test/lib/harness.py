@@ -220,3 +220,15 @@ def wait_until(predicate, timeout=15, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def set_guc(cluster, db, name, value):
+    """ALTER SYSTEM SET name = value (RESET when None), reload, and give the
+    workers a moment to read the file at their next wake-up."""
+    from psycopg import sql
+    if value is None:
+        db.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+    else:
+        db.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(str(value))))
+    cluster.reload()
+    time.sleep(1.0)
