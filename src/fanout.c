@@ -195,10 +195,15 @@ prepare_plans(void)
 									MSG_NARGS, msg_t, CURSOR_OPT_GENERIC_PLAN);
 	if (insert_message_plan == NULL || SPI_keepplan(insert_message_plan) != 0)
 		elog(ERROR, "notify_ext: could not prepare the message insert: %s", SPI_result_code_string(SPI_result));
-	mark_done_plan = notify_keep_plan(
-							   "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'done' "
-							   "WHERE id = $1",
-							   1, int8_t);
+	{
+		Oid			ids_t[1] = {INT8ARRAYOID};
+
+		/* the batch's events that went well, in one statement */
+		mark_done_plan = notify_keep_plan(
+								   "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'done' "
+								   "WHERE id = ANY ($1)",
+								   1, ids_t);
+	}
 	mark_failed_plan = notify_keep_plan(
 								 "UPDATE notify.event SET processed_at = pg_catalog.now(), status = 'failed', "
 								 "last_error = $2 WHERE id = $1",
@@ -944,20 +949,27 @@ fanout_event(const PendingEvent *ev)
 	return count;
 }
 
-/* mark_event: record an event's outcome (done, or failed with its error). */
+/* mark_failed: record an event's failure, with its error. */
 static void
-mark_event(int64 id, const char *error)
+mark_failed(int64 id, const char *error)
 {
 	Datum		v[2];
 
 	v[0] = Int64GetDatum(id);
-	if (error == NULL)
-		notify_run_plan(mark_done_plan, v, NULL, false, 0, SPI_OK_UPDATE, "marking an event done");
-	else
-	{
-		v[1] = CStringGetTextDatum(error);
-		notify_run_plan(mark_failed_plan, v, NULL, false, 0, SPI_OK_UPDATE, "marking an event failed");
-	}
+	v[1] = CStringGetTextDatum(error);
+	notify_run_plan(mark_failed_plan, v, NULL, false, 0, SPI_OK_UPDATE, "marking an event failed");
+}
+
+/* mark_done: the events that went well, in one statement. */
+static void
+mark_done(Datum *ids, int n)
+{
+	Datum		arg;
+
+	if (n == 0)
+		return;
+	arg = PointerGetDatum(construct_array(ids, n, INT8OID, sizeof(int64), true, TYPALIGN_DOUBLE));
+	notify_run_plan(mark_done_plan, &arg, NULL, false, 0, SPI_OK_UPDATE, "marking events done");
 }
 
 /* claim_events: a batch of unprocessed events, locked for this transaction. */
@@ -1034,12 +1046,15 @@ fanout_pending_events(int batch_size)
 	ListCell   *lc;
 	MemoryContext outer = CurrentMemoryContext;
 	MemoryContext event_cxt;
+	Datum	   *done;
+	int			ndone = 0;
 
 	prepare_plans();
 	events = claim_events(batch_size);
 	if (events == NIL)
 		return 0;
 
+	done = palloc(sizeof(Datum) * list_length(events));
 	event_cxt = AllocSetContextCreate(outer, "notify fanout event", ALLOCSET_DEFAULT_SIZES);
 	render_cache_begin();
 	foreach(lc, events)
@@ -1057,13 +1072,18 @@ fanout_pending_events(int batch_size)
 		}
 
 		/*
-		 * Marked here, in the transaction that locked the event: an update
-		 * from the subtransaction would turn the row's lock into a
-		 * MultiXact, which every later claim's scan then has to look up.
+		 * Marked in the transaction that locked the event, not in its
+		 * subtransaction: an update from there would turn the row's lock
+		 * into a MultiXact, which every later claim's scan then has to look
+		 * up.  Failures one by one (each has its error), the rest at once.
 		 */
-		mark_event(ev->id, error);
+		if (error != NULL)
+			mark_failed(ev->id, error);
+		else
+			done[ndone++] = Int64GetDatum(ev->id);
 		MemoryContextReset(event_cxt);
 	}
+	mark_done(done, ndone);
 	render_cache_end();
 	MemoryContextDelete(event_cxt);
 	return list_length(events);
