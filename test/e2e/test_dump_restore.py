@@ -85,7 +85,9 @@ def test_dump_and_restore_round_trip(smtp):
             db.execute("ALTER SYSTEM SET notify.enabled = on")
         dst.reload()
         with dst.connect() as db:
-            wait_until(lambda: db.execute("SELECT count(*) FROM notify.message WHERE status = 'queued'"
+            # drained: every event processed and no message queued or being sent
+            # (a claimed message is 'sending' until its outcome is recorded)
+            wait_until(lambda: db.execute("SELECT count(*) FROM notify.message WHERE status IN ('queued', 'sending')"
                                           ).fetchone()[0] == 0 and
                        db.execute("SELECT count(*) FROM notify.event WHERE processed_at IS NULL").fetchone()[0] == 0,
                        timeout=30, what="queue drained")
