@@ -330,6 +330,15 @@ notify_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
+		/*
+		 * Awake: a commit from now on may wake a worker again.  (Also reset
+		 * at each round; here too, so that a worker that does not get to a
+		 * round, the extension being dropped or paused, never leaves the
+		 * flag set and later commits unheard.)
+		 */
+		pg_atomic_write_u32(&notify_shared->wake_pending, 0);
+		pg_memory_barrier();
+
 		PG_TRY();
 		{
 			ExtensionState est = EXT_READY;
