@@ -39,6 +39,18 @@
 
 static MemoryContext round_cxt = NULL;
 
+/*
+ * A worker listens for commits again at most once per WAKE_GAP_US.  At
+ * thousands of commits a second, waking at every one cost the ERP's
+ * backends a kill() each and the worker a transaction each (capture
+ * benchmark: 41% of the watched TPS); with the gap, the commits of the last
+ * 2 ms find the flag still set, skip the wake-up, and are all handled by
+ * the next round.  A commit after a quiet spell still wakes the worker at
+ * once: only a wake-up that follows the last one closely waits.
+ */
+#define WAKE_GAP_US 2000
+static TimestampTz last_listen = 0;
+
 int			notify_worker_slot = -1;
 
 /* unpublish_worker: forget our latch in shared memory when we exit. */
@@ -73,6 +85,33 @@ publish_worker(void)
 	slot->last_error[0] = '\0';
 	SpinLockRelease(&notify_shared->mutex);
 	before_shmem_exit(unpublish_worker, (Datum) 0);
+}
+
+/*
+ * listen_for_commits: from now on a commit that wrote events wakes a
+ * worker again (see notify_xact_callback).  Before a round: the events
+ * committed until now are the round's to find.
+ */
+static void
+listen_for_commits(void)
+{
+	last_listen = GetCurrentTimestamp();
+	pg_atomic_write_u32(&notify_shared->wake_pending, 0);
+	pg_memory_barrier();
+}
+
+/*
+ * coalesce_wakeups: woken within WAKE_GAP_US of the last listen, wait for
+ * the rest of the gap first, the flag still set, so that the commits of
+ * that time wake nobody and join the round.
+ */
+static void
+coalesce_wakeups(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (last_listen != 0 && now >= last_listen && now - last_listen < WAKE_GAP_US)
+		pg_usleep(WAKE_GAP_US - (now - last_listen));
 }
 
 /* record_worker_error: the last error, for worker_status(). */
@@ -263,9 +302,7 @@ run_rounds(void)
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
-		/* a commit from now on wakes a worker again (see notify_xact_callback) */
-		pg_atomic_write_u32(&notify_shared->wake_pending, 0);
-		pg_memory_barrier();
+		listen_for_commits();
 		events = fanout_round();
 		/* the messages just made are for every worker to send */
 		if (events > 0)
@@ -331,13 +368,14 @@ notify_worker_main(Datum main_arg)
 		}
 
 		/*
-		 * Awake: a commit from now on may wake a worker again.  (Also reset
-		 * at each round; here too, so that a worker that does not get to a
+		 * Awake: a commit from now on may wake a worker again.  (Also at
+		 * each round; here too, so that a worker that does not get to a
 		 * round, the extension being dropped or paused, never leaves the
 		 * flag set and later commits unheard.)
 		 */
-		pg_atomic_write_u32(&notify_shared->wake_pending, 0);
-		pg_memory_barrier();
+		coalesce_wakeups();
+		CHECK_FOR_INTERRUPTS();
+		listen_for_commits();
 
 		PG_TRY();
 		{
