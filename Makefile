@@ -12,6 +12,7 @@ MODULE_big = notify_ext
 OBJS = \
 	src/notify_ext.o \
 	src/capture.o \
+	src/rowjson.o \
 	src/worker.o \
 	src/schedule.o \
 	src/cron.o \

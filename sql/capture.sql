@@ -179,6 +179,61 @@ SELECT op, table_name, row, old, changed FROM pg_temp.events('order_line.changed
 SELECT notify.unwatch('"Order Lines"', 'order_line.changed.' || repeat('x', 60));
 DROP TABLE "Order Lines";
 
+-- the captured row equals to_jsonb(row) for every kind of column (capture
+-- writes it without to_jsonb, see src/rowjson.c), also after the table
+-- changes and after its schema is renamed
+CREATE SCHEMA rowjson_s;
+CREATE TYPE rowjson_s.mood AS ENUM ('sad', 'happy');
+CREATE TYPE rowjson_s.pair AS (a integer, b text);
+CREATE DOMAIN rowjson_s.posint AS integer CHECK (VALUE > 0);
+CREATE TABLE rowjson_s.kinds (
+    id integer, b boolean, i2 smallint, i8 bigint, n numeric, n2 numeric(6,2),
+    f4 real, f8 double precision, d date, ts timestamp, tstz timestamptz,
+    t text, vc varchar(10), ch char(3), j json, jb jsonb, u uuid, by bytea,
+    iv interval, m money, o oid, ip inet, arr integer[], tarr text[][],
+    rec rowjson_s.pair, e rowjson_s.mood, dom rowjson_s.posint, rng int4range,
+    x xml, pt point
+);
+SELECT pg_temp.n(notify.watch('rowjson_s.kinds', 'rowjson.kinds', '{insert,update}')) AS triggers;
+INSERT INTO rowjson_s.kinds VALUES
+  (1, true, -32768, 9223372036854775807, 'NaN', 1234.5, 'Infinity', -1.5e-300,
+   'infinity', '2026-03-29 02:30:00.123456', '2026-10-25 01:59:59+02',
+   E'tab\there "quoted" \\ é 😀 \u0001', 'abc', 'x', '{"b": [1, 2.50, null], "a": "é"}',
+   '"just a string"', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\xdeadbeef',
+   '1 day 02:03:04', 12.34, 4294967295, '192.168.0.1/24', '{1,NULL,3}',
+   '{{a,b},{"c d",NULL}}', ROW(7, 'seven'), 'happy', 42, '[1,10)',
+   '<a>x</a>', '(1.5,2)'),
+  (2, NULL, 0, 0, '-Infinity', -0.01, 'NaN', 0, '-infinity', '-infinity', 'infinity',
+   '', NULL, NULL, 'null', '[]', NULL, '\x', '-1 month', NULL, 0, NULL, '{}',
+   NULL, ROW(NULL, NULL), NULL, NULL, 'empty', NULL, NULL),
+  (3, false, 1, -1, 12345678901234567890.123456789, 0, -0.0, 1e308, '2026-01-01',
+   '1999-12-31 23:59:59', '2000-01-01 00:00:00+14', repeat('long ', 500), 'ten chars!',
+   'ab', '123', '{"nested": {"k": [true, false]}}', NULL, NULL, NULL, NULL, NULL, NULL,
+   '{-1}', '{{x}}', NULL, 'sad', 1, '(,)', NULL, NULL);
+-- what to_jsonb gives now, before the table changes
+CREATE TEMP TABLE rowjson_expected AS
+    SELECT 'INSERT' AS op, k.id, to_jsonb(k) AS j FROM rowjson_s.kinds k;
+ALTER TABLE rowjson_s.kinds DROP COLUMN by, ADD COLUMN added text DEFAULT 'dflt';
+INSERT INTO rowjson_s.kinds (id, t) VALUES (4, 'after alter');
+UPDATE rowjson_s.kinds SET t = 'updated' WHERE id = 1;
+ALTER SCHEMA rowjson_s RENAME TO rowjson_r;
+INSERT INTO rowjson_r.kinds (id, t) VALUES (5, 'after schema rename');
+INSERT INTO rowjson_expected
+    SELECT CASE k.id WHEN 1 THEN 'UPDATE' ELSE 'INSERT' END, k.id, to_jsonb(k)
+      FROM rowjson_r.kinds k WHERE k.id IN (1, 4, 5);
+SELECT e.op, e.table_name, x.id, e.row = x.j AS row_equals_to_jsonb,
+       e.old = (SELECT j FROM rowjson_expected o WHERE o.op = 'INSERT' AND o.id = x.id) - 'by'
+           || '{"added": "dflt"}' AS old_equals,
+       (SELECT count(*) FROM jsonb_object_keys(e.row)) AS keys
+  FROM notify.event e
+  JOIN rowjson_expected x ON x.id = (e.row ->> 'id')::integer AND x.op = e.op
+ WHERE e.event_type = 'rowjson.kinds' ORDER BY e.id;
+SELECT e.row -> 'n' AS n, e.row -> 'f4' AS f4, e.row -> 'f8' AS f8, e.row -> 'd' AS d,
+       e.row -> 'tstz' AS tstz, e.row -> 'j' AS j, e.row -> 'rec' AS rec, e.row -> 'dom' AS dom
+  FROM notify.event e WHERE e.event_type = 'rowjson.kinds' AND e.op = 'INSERT' ORDER BY e.id LIMIT 3;
+SELECT notify.unwatch('rowjson_r.kinds', 'rowjson.kinds');
+DROP SCHEMA rowjson_r CASCADE;
+
 -- unwatch drops the triggers; later changes are not captured
 SELECT notify.unwatch('erp_order', 'order.created');
 SELECT pg_temp.n(tgname) AS tgname FROM pg_trigger WHERE tgrelid = 'erp_order'::regclass ORDER BY 1;

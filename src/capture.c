@@ -48,10 +48,6 @@ PG_FUNCTION_INFO_V1(notify_emit);
 static SPIPlanPtr insert_event_plan = NULL;
 static SPIPlanPtr emit_event_plan = NULL;
 
-/* to_jsonb's FmgrInfo: it learns its argument's type from fn_expr. */
-static FmgrInfo to_jsonb_finfo;
-static bool to_jsonb_ready = false;
-
 /*
  * The outbox as the direct insert needs it, found once per backend and
  * forgotten when notify.event changes (relcache invalidation).  "direct"
@@ -253,60 +249,6 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	return id;
 }
 
-/* A to_jsonb call expression for one row type, kept for the backend's life. */
-typedef struct RowTypeExpr
-{
-	Oid			type;
-	int32		typmod;
-	Node	   *expr;
-} RowTypeExpr;
-
-static List *row_type_exprs = NIL;	/* in TopMemoryContext; one per watched row type */
-
-/*
- * tuple_to_jsonb: to_jsonb(row), with PostgreSQL's own rules for every
- * type.  to_jsonb reads its argument's type from the call expression,
- * which is built once per row type.
- */
-static Datum
-tuple_to_jsonb(HeapTuple tuple, TupleDesc tupdesc)
-{
-	Datum		composite = heap_copy_tuple_as_datum(tuple, tupdesc);
-	RowTypeExpr *found = NULL;
-	ListCell   *lc;
-
-	if (!to_jsonb_ready)
-	{
-		fmgr_info_cxt(F_TO_JSONB, &to_jsonb_finfo, TopMemoryContext);
-		to_jsonb_ready = true;
-	}
-	foreach(lc, row_type_exprs)
-	{
-		RowTypeExpr *r = (RowTypeExpr *) lfirst(lc);
-
-		if (r->type == tupdesc->tdtypeid && r->typmod == tupdesc->tdtypmod)
-		{
-			found = r;
-			break;
-		}
-	}
-	if (found == NULL)
-	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		found = palloc(sizeof(RowTypeExpr));
-		found->type = tupdesc->tdtypeid;
-		found->typmod = tupdesc->tdtypmod;
-		found->expr = (Node *) makeFuncExpr(F_TO_JSONB, JSONBOID,
-											list_make1(makeNullConst(tupdesc->tdtypeid, tupdesc->tdtypmod, InvalidOid)),
-											InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
-		row_type_exprs = lappend(row_type_exprs, found);
-		MemoryContextSwitchTo(old);
-	}
-	to_jsonb_finfo.fn_expr = found->expr;
-	return FunctionCall1(&to_jsonb_finfo, composite);
-}
-
 /* changed_columns: names of the columns whose value differs, in table order. */
 static Datum
 changed_columns(HeapTuple oldtup, HeapTuple newtup, TupleDesc tupdesc, bool *isnull)
@@ -383,7 +325,7 @@ notify_capture(PG_FUNCTION_ARGS)
 	char		nulls[EVENT_NARGS];
 	const char *op;
 	const char *actor = NULL;
-	char	   *table_name;
+	const char *table_name;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -409,7 +351,7 @@ notify_capture(PG_FUNCTION_ARGS)
 	{
 		op = "INSERT";
 		row = trigdata->tg_trigtuple;
-		values[4] = tuple_to_jsonb(row, tupdesc);
+		values[4] = notify_row_to_jsonb(rel, row);
 		nulls[5] = 'n';
 		nulls[6] = 'n';
 	}
@@ -419,15 +361,15 @@ notify_capture(PG_FUNCTION_ARGS)
 
 		op = "UPDATE";
 		row = trigdata->tg_newtuple;
-		values[4] = tuple_to_jsonb(row, tupdesc);
-		values[5] = tuple_to_jsonb(trigdata->tg_trigtuple, tupdesc);
+		values[4] = notify_row_to_jsonb(rel, row);
+		values[5] = notify_row_to_jsonb(rel, trigdata->tg_trigtuple);
 		values[6] = changed_columns(trigdata->tg_trigtuple, row, tupdesc, &isnull);
 	}
 	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
 	{
 		op = "DELETE";
 		row = trigdata->tg_trigtuple;
-		values[4] = tuple_to_jsonb(row, tupdesc);
+		values[4] = notify_row_to_jsonb(rel, row);
 		values[5] = values[4];
 		nulls[6] = 'n';
 	}
@@ -442,8 +384,7 @@ notify_capture(PG_FUNCTION_ARGS)
 	if (actor == NULL)
 		actor = session_actor();
 
-	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-											RelationGetRelationName(rel));
+	table_name = notify_relation_name(rel);
 	values[0] = CStringGetTextDatum(trigger->tgargs[0]);
 	values[1] = CStringGetTextDatum(op);
 	values[2] = CStringGetTextDatum(table_name);

@@ -11,10 +11,12 @@
 
 #include "postgres.h"
 
+#include "access/htup.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
+#include "utils/relcache.h"
 #include "utils/timestamp.h"
 
 /* Settings (GUCs), defined in notify_ext.c */
@@ -88,6 +90,10 @@ extern int	notify_worker_slot;
 
 /* worker.c */
 extern PGDLLEXPORT void notify_worker_main(Datum main_arg);
+
+/* rowjson.c: a watched row as to_jsonb(row) gives it, and its table's name */
+extern Datum notify_row_to_jsonb(Relation rel, HeapTuple tuple);
+extern const char *notify_relation_name(Relation rel);
 
 /* fanout.c */
 extern int	fanout_pending_events(int batch_size);
