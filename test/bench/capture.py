@@ -47,8 +47,8 @@ SIGSTOPped (their latch stays set, so a commit's SetLatch returns at once):
 the difference to the normal watched run is what waking the workers at every
 commit costs. Not part of the summary.
 
---perf DIR: after the measured rounds, one more watched run and one more
-plpgsql run (not counted) with `perf record` (cpu-clock, DWARF call graphs)
+--perf DIR: after the measured rounds, one more watched, plpgsql and plain
+run each (not counted) with `perf record` (cpu-clock, DWARF call graphs)
 attached to their backends; prints the inclusive share of backend time of
 the functions that tell where capture's time goes; reports and data in DIR.
 
@@ -504,6 +504,8 @@ def main():
             b.run_under_perf("watched", args.seconds, args.perf)
             b.between_runs()
             b.run_under_perf("plpgsql", args.seconds, args.perf)
+            b.between_runs()
+            b.run_under_perf("plain", args.seconds, args.perf)
         b.verify()
         r1 = med["watched"] / med["plain"]
         r2 = med["watched"] / med["plpgsql"]
