@@ -23,6 +23,7 @@
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -77,8 +78,10 @@ prepare_plans(void)
 {
 	Oid			claim_t[4] = {INT4OID, INT4OID, INT4OID, INT4OID};
 	Oid			text_t[1] = {TEXTOID};
-	Oid			record_t[7] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, FLOAT8OID, INT4OID, INT4OID};
-	Oid			attempt_t[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TEXTOID};
+	Oid			record_t[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
+	INT4ARRAYOID, INT4OID};
+	Oid			attempt_t[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID, TEXTARRAYOID};
 
 	/* the last one prepared: a failure half-way prepares again next time */
 	if (next_due_plan != NULL)
@@ -128,8 +131,12 @@ prepare_plans(void)
 							 1, text_t);
 
 	/*
-	 * $2 is the new status; a retry goes back to the queue after the
-	 * backoff ($5 seconds), unless attempts are spent ($6 = max).
+	 * The outcomes of a batch, one array element per message, recorded
+	 * with one UPDATE and one INSERT (a statement per message paid the
+	 * executor's start-up and the CHECK constraints' preparation each
+	 * time).  r.status is the new status; a retry goes back to the queue
+	 * after the backoff (r.delay seconds), unless attempts are spent ($7 =
+	 * max).
 	 *
 	 * "(status || '') = 'sending'" here and in defer_plan and renew_plan:
 	 * a plain "status = 'sending'" implies message_queued_idx's predicate,
@@ -140,20 +147,24 @@ prepare_plans(void)
 	 * Written so, only the primary key can serve "id = $1".
 	 */
 	record_plan = notify_keep_plan(
-							"UPDATE notify.message SET"
-							"  status = CASE WHEN $2 = 'retry' AND attempts >= $6 THEN 'dead'"
-							"                WHEN $2 = 'retry' THEN 'queued' ELSE $2 END,"
-							"  sent_at = CASE WHEN $2 = 'sent' THEN pg_catalog.now() END,"
-							"  last_error = $3, smtp_response = $4,"
-							"  next_attempt_at = CASE WHEN $2 = 'retry'"
-							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => $5)"
-							"      ELSE next_attempt_at END,"
+							"UPDATE notify.message m SET"
+							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $7 THEN 'dead'"
+							"                WHEN r.status = 'retry' THEN 'queued' ELSE r.status END,"
+							"  sent_at = CASE WHEN r.status = 'sent' THEN pg_catalog.now() END,"
+							"  last_error = r.error, smtp_response = r.response,"
+							"  next_attempt_at = CASE WHEN r.status = 'retry'"
+							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
+							"      ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
-							"WHERE id = $1 AND (status || '') = 'sending' AND attempts = $7",
+							"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
+							"                pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))"
+							"     AS r(id, status, error, response, delay, attempts) "
+							"WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts",
 							7, record_t);
 	attempt_plan = notify_keep_plan(
 							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
-							 " VALUES ($1, $2, $3, $4, $5, $6)",
+							 " SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
+							 "                     pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))",
 							 6, attempt_t);
 	{
 		Oid			att_t[2] = {INT8OID, INT8OID};
@@ -315,22 +326,85 @@ retry_delay(int attempts)
 	return Min(delay, 3600.0);
 }
 
-/* record_results: status, log and one attempt row per message, in one transaction. */
+/* An array-valued statement argument being filled, one element per message. */
+typedef struct ArrayArg
+{
+	Oid			elemtype;
+	int			n;
+	Datum	   *values;
+	bool	   *nulls;
+} ArrayArg;
+
+static void
+array_arg_init(ArrayArg *a, Oid elemtype, int size)
+{
+	a->elemtype = elemtype;
+	a->n = 0;
+	a->values = palloc(sizeof(Datum) * size);
+	a->nulls = palloc(sizeof(bool) * size);
+}
+
+static void
+array_arg_add(ArrayArg *a, Datum value, bool isnull)
+{
+	a->values[a->n] = value;
+	a->nulls[a->n] = isnull;
+	a->n++;
+}
+
+/* array_arg_add_text: a text element; NULL for an empty string. */
+static void
+array_arg_add_text(ArrayArg *a, const char *s)
+{
+	array_arg_add(a, s[0] ? CStringGetTextDatum(s) : (Datum) 0, s[0] == '\0');
+}
+
+static Datum
+array_arg_datum(ArrayArg *a)
+{
+	int16		len;
+	bool		byval;
+	char		align;
+	int			dims[1] = {a->n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(a->elemtype, &len, &byval, &align);
+	return PointerGetDatum(construct_md_array(a->values, a->nulls, 1, dims, lbs,
+											  a->elemtype, len, byval, align));
+}
+
+/*
+ * record_results: status, log and one attempt row per message, in one
+ * transaction: two statements for the whole batch.
+ */
 static void
 record_results(List *claimed)
 {
 	ListCell   *lc;
+	int			size = list_length(claimed);
+	ArrayArg	r[6];
+	ArrayArg	at[6];
+	Datum		args[7];
+	int			ret;
+
+	array_arg_init(&r[0], INT8OID, size);	/* id */
+	array_arg_init(&r[1], TEXTOID, size);	/* status */
+	array_arg_init(&r[2], TEXTOID, size);	/* error */
+	array_arg_init(&r[3], TEXTOID, size);	/* response */
+	array_arg_init(&r[4], FLOAT8OID, size); /* delay */
+	array_arg_init(&r[5], INT4OID, size);	/* attempts */
+	array_arg_init(&at[0], INT8OID, size);	/* message_id */
+	array_arg_init(&at[1], TIMESTAMPTZOID, size);	/* started_at */
+	array_arg_init(&at[2], TIMESTAMPTZOID, size);	/* finished_at */
+	array_arg_init(&at[3], TEXTOID, size);	/* outcome */
+	array_arg_init(&at[4], INT4OID, size);	/* smtp_code */
+	array_arg_init(&at[5], TEXTOID, size);	/* response */
 
 	foreach(lc, claimed)
 	{
 		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
 		const char *status;
 		const char *outcome;
-		Datum		v[7];
-		char		n[7];
-		Datum		a[6];
-		char		an[6];
-		int			ret;
 
 		if (!m->tried || m->recorded)
 			continue;
@@ -364,44 +438,38 @@ record_results(List *claimed)
 				status = outcome = "retry";
 				break;
 		}
-		memset(n, ' ', sizeof(n));
-		v[0] = Int64GetDatum(m->out.id);
-		v[1] = CStringGetTextDatum(status);
-		if (m->result.error[0])
-			v[2] = CStringGetTextDatum(m->result.error);
-		else
-			n[2] = 'n';
-		if (m->result.response[0])
-			v[3] = CStringGetTextDatum(m->result.response);
-		else
-			n[3] = 'n';
-		v[4] = Float8GetDatum(retry_delay(m->attempts));
-		v[5] = Int32GetDatum(notify_max_attempts);
-		v[6] = Int32GetDatum(m->attempts);
-		ret = SPI_execute_plan(record_plan, v, n, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "could not record the outcome of message %lld: %s",
-				 m->out.id, SPI_result_code_string(ret));
+		array_arg_add(&r[0], Int64GetDatum(m->out.id), false);
+		array_arg_add_text(&r[1], status);
+		array_arg_add_text(&r[2], m->result.error);
+		array_arg_add_text(&r[3], m->result.response);
+		array_arg_add(&r[4], Float8GetDatum(retry_delay(m->attempts)), false);
+		array_arg_add(&r[5], Int32GetDatum(m->attempts), false);
 
-		memset(an, ' ', sizeof(an));
-		a[0] = Int64GetDatum(m->out.id);
-		a[1] = TimestampTzGetDatum(m->started);
-		a[2] = TimestampTzGetDatum(m->finished);
-		a[3] = CStringGetTextDatum(outcome);
-		if (m->result.code > 0)
-			a[4] = Int32GetDatum(m->result.code);
-		else
-			an[4] = 'n';
+		array_arg_add(&at[0], Int64GetDatum(m->out.id), false);
+		array_arg_add(&at[1], TimestampTzGetDatum(m->started), false);
+		array_arg_add(&at[2], TimestampTzGetDatum(m->finished), false);
+		array_arg_add_text(&at[3], outcome);
+		array_arg_add(&at[4], Int32GetDatum(m->result.code), m->result.code <= 0);
 		/* what went wrong (it quotes the server) or, when all went well, the reply */
-		if (m->result.response[0] || m->result.error[0])
-			a[5] = CStringGetTextDatum(m->result.error[0] ? m->result.error : m->result.response);
-		else
-			an[5] = 'n';
-		ret = SPI_execute_plan(attempt_plan, a, an, false, 0);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "could not record attempt of message %lld: %s",
-				 m->out.id, SPI_result_code_string(ret));
+		array_arg_add_text(&at[5], m->result.error[0] ? m->result.error : m->result.response);
 	}
+	if (r[0].n == 0)
+		return;
+
+	for (int i = 0; i < 6; i++)
+		args[i] = array_arg_datum(&r[i]);
+	args[6] = Int32GetDatum(notify_max_attempts);
+	ret = SPI_execute_plan(record_plan, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not record the outcome of %d messages: %s",
+			 r[0].n, SPI_result_code_string(ret));
+
+	for (int i = 0; i < 6; i++)
+		args[i] = array_arg_datum(&at[i]);
+	ret = SPI_execute_plan(attempt_plan, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not record the attempts of %d messages: %s",
+			 r[0].n, SPI_result_code_string(ret));
 }
 
 /* load_attachments: the files of a claimed message, copied for use after commit. */
