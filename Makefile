@@ -13,6 +13,7 @@ OBJS = \
 	src/notify_ext.o \
 	src/capture.o \
 	src/rowjson.o \
+	src/context.o \
 	src/worker.o \
 	src/schedule.o \
 	src/cron.o \

@@ -234,6 +234,39 @@ SELECT e.row -> 'n' AS n, e.row -> 'f4' AS f4, e.row -> 'f8' AS f8, e.row -> 'd'
 SELECT notify.unwatch('rowjson_r.kinds', 'rowjson.kinds');
 DROP SCHEMA rowjson_r CASCADE;
 
+-- the rendering context (notify._event_context, in C) is the one the SQL
+-- definition of version 0.1 built, for every event written so far and for
+-- emitted scalars, changes naming missing or null columns, and schedule rows
+CREATE FUNCTION pg_temp.ctx_sql(e notify.event) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT jsonb_build_object(
+        'row', e.row, 'old', e.old,
+        'changes', CASE WHEN e.changed IS NULL THEN NULL ELSE
+            (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                        'column', c.col, 'old', e.old -> c.col, 'new', e.row -> c.col) ORDER BY c.n), '[]')
+               FROM unnest(e.changed) WITH ORDINALITY AS c(col, n)) END,
+        'event', jsonb_build_object(
+            'id', e.id, 'type', e.event_type, 'op', e.op, 'table', e.table_name,
+            'occurred_at', e.occurred_at, 'actor', e.actor, 'schedule', e.schedule))
+    || CASE WHEN e.rows IS NULL THEN '{}'::jsonb
+            ELSE jsonb_build_object('rows', e.rows, 'row_count', jsonb_array_length(e.rows)) END
+$$;
+SELECT count(*) > 0 AS emitted FROM (SELECT notify.emit('ctx.scalar', '42'), notify.emit('ctx.array', '[1, "a"]'),
+                                             notify.emit('ctx.string', '"s"'), notify.emit('ctx.null', 'null')) x;
+INSERT INTO notify.event (event_type, op, actor, row, old, changed)
+VALUES ('ctx.changes', 'UPDATE', 'tester', '{"a": 1, "b": null, "c": [1]}', '{"a": 0, "c": {"x": 1}}',
+        '{a,b,c,gone,NULL}'),
+       ('ctx.changes', 'UPDATE', NULL, '{"a": 1}', '7', '{}');
+INSERT INTO notify.event (event_type, op, schedule, rows, columns)
+VALUES ('ctx.schedule', 'SCHEDULE', 'nightly', '[{"sku": "A-1", "qty": 0}, {"sku": "B", "qty": null}]', '{sku,qty}'),
+       ('ctx.schedule', 'SCHEDULE', 'nightly', '[]', '{}');
+SELECT count(*) AS events, count(*) FILTER (WHERE notify._event_context(e) IS DISTINCT FROM pg_temp.ctx_sql(e))
+       AS different
+  FROM notify.event e;
+SELECT jsonb_pretty(notify._event_context(e) - 'event') AS context
+  FROM notify.event e WHERE e.event_type = 'ctx.changes' ORDER BY e.id LIMIT 1;
+SELECT notify._event_context(e) -> 'row_count' AS row_count
+  FROM notify.event e WHERE e.event_type = 'ctx.schedule' ORDER BY e.id;
+
 -- unwatch drops the triggers; later changes are not captured
 SELECT notify.unwatch('erp_order', 'order.created');
 SELECT pg_temp.n(tgname) AS tgname FROM pg_trigger WHERE tgrelid = 'erp_order'::regclass ORDER BY 1;

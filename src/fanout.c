@@ -836,6 +836,52 @@ load_rules(const char *event_type)
 }
 
 /*
+ * The rules of the event types met in the current fan-out batch, kept for
+ * the batch (in its memory context): a batch of a hundred events of one
+ * type looks its rules up once, not a hundred times.  A rule changed
+ * while a batch runs applies from the next batch.
+ */
+typedef struct BatchRules
+{
+	char	   *event_type;
+	List	   *rules;
+} BatchRules;
+
+static List *batch_rules = NIL;
+static MemoryContext batch_rules_cxt = NULL;
+
+/* batch_rules_begin: a new batch, whose lookups live in cxt. */
+static void
+batch_rules_begin(MemoryContext cxt)
+{
+	batch_rules = NIL;
+	batch_rules_cxt = cxt;
+}
+
+/* rules_for: load_rules, once per event type and batch. */
+static List *
+rules_for(const char *event_type)
+{
+	ListCell   *lc;
+	MemoryContext old;
+	BatchRules *entry;
+
+	foreach(lc, batch_rules)
+	{
+		entry = (BatchRules *) lfirst(lc);
+		if (strcmp(entry->event_type, event_type) == 0)
+			return entry->rules;
+	}
+	old = MemoryContextSwitchTo(batch_rules_cxt);
+	entry = palloc(sizeof(BatchRules));
+	entry->rules = load_rules(event_type);
+	entry->event_type = pstrdup(event_type);
+	batch_rules = lappend(batch_rules, entry);
+	MemoryContextSwitchTo(old);
+	return entry->rules;
+}
+
+/*
  * store_attachments: run the rule's attachments_query (as its owner) and
  * keep the files for this event's messages of that rule: the invoice PDF
  * stored in the ERP, read once however many recipients get it.
@@ -895,7 +941,7 @@ store_attachments(const PendingEvent *ev, const RuleInfo *rule)
 static int
 fanout_event(const PendingEvent *ev)
 {
-	List	   *rules = load_rules(ev->event_type);
+	List	   *rules = rules_for(ev->event_type);
 	List	   *deliveries;
 	TmplValue  *base;
 	ListCell   *lc;
@@ -1055,6 +1101,7 @@ fanout_pending_events(int batch_size)
 		return 0;
 
 	done = palloc(sizeof(Datum) * list_length(events));
+	batch_rules_begin(outer);
 	event_cxt = AllocSetContextCreate(outer, "notify fanout event", ALLOCSET_DEFAULT_SIZES);
 	render_cache_begin();
 	foreach(lc, events)

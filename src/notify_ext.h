@@ -94,6 +94,7 @@ extern PGDLLEXPORT void notify_worker_main(Datum main_arg);
 /* rowjson.c: a watched row as to_jsonb(row) gives it, and its table's name */
 extern Datum notify_row_to_jsonb(Relation rel, HeapTuple tuple);
 extern const char *notify_relation_name(Relation rel);
+extern void notify_push_jsonb(JsonbParseState **state, JsonbIteratorToken token, Jsonb *j);
 
 /* fanout.c */
 extern int	fanout_pending_events(int batch_size);

@@ -278,6 +278,33 @@ set_string(JsonbValue *jv, char *s, size_t len)
 	jv->val.string.len = len;
 }
 
+/*
+ * notify_push_jsonb: a jsonb value as the next value (WJB_VALUE) or
+ * element (WJB_ELEM) of the object or array being built.
+ */
+void
+notify_push_jsonb(JsonbParseState **state, JsonbIteratorToken token, Jsonb *j)
+{
+	JsonbValue	jv;
+
+	if (JB_ROOT_IS_SCALAR(j))
+	{
+		/* a scalar is stored as a one-element raw array: take the element */
+		JsonbIterator *it = JsonbIteratorInit(&j->root);
+
+		(void) JsonbIteratorNext(&it, &jv, true);
+		(void) JsonbIteratorNext(&it, &jv, true);
+	}
+	else
+	{
+		/* a container: pushJsonbValue copies it in, element by element */
+		jv.type = jbvBinary;
+		jv.val.binary.data = &j->root;
+		jv.val.binary.len = VARSIZE(j) - VARHDRSZ;
+	}
+	(void) pushJsonbValue(state, token, &jv);
+}
+
 /* push_value: one column's value into the object being built. */
 static void
 push_value(JsonbParseState **state, ColumnWriter *c, Datum value)
@@ -356,28 +383,11 @@ push_value(JsonbParseState **state, ColumnWriter *c, Datum value)
 			}
 			break;
 		case COL_JSONB:
+			notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(value));
+			return;
 		case COL_TO_JSONB:
-			{
-				Jsonb	   *j = c->kind == COL_JSONB ? DatumGetJsonbP(value)
-					: DatumGetJsonbP(FunctionCall1(&c->to_jsonb, value));
-
-				if (JB_ROOT_IS_SCALAR(j))
-				{
-					/* a scalar is stored as a one-element raw array: take the element */
-					JsonbIterator *it = JsonbIteratorInit(&j->root);
-
-					(void) JsonbIteratorNext(&it, &jv, true);
-					(void) JsonbIteratorNext(&it, &jv, true);
-				}
-				else
-				{
-					/* a container: pushJsonbValue copies it in, element by element */
-					jv.type = jbvBinary;
-					jv.val.binary.data = &j->root;
-					jv.val.binary.len = VARSIZE(j) - VARHDRSZ;
-				}
-			}
-			break;
+			notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(FunctionCall1(&c->to_jsonb, value)));
+			return;
 		default:
 			elog(ERROR, "notify_ext: unexpected column kind %d", (int) c->kind);
 	}

@@ -49,21 +49,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION notify._event_context(e notify.event) RETURNS jsonb
-    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_catalog.jsonb_build_object(
-        'row', e.row,
-        'old', e.old,
-        'changes', CASE WHEN e.changed IS NULL THEN NULL ELSE
-            (SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-                        'column', c.col, 'old', e.old -> c.col, 'new', e.row -> c.col) ORDER BY c.n), '[]')
-               FROM pg_catalog.unnest(e.changed) WITH ORDINALITY AS c(col, n)) END,
-        'event', pg_catalog.jsonb_build_object(
-            'id', e.id, 'type', e.event_type, 'op', e.op, 'table', e.table_name,
-            'occurred_at', e.occurred_at, 'actor', e.actor, 'schedule', e.schedule))
-    || CASE WHEN e.rows IS NULL THEN '{}'::jsonb
-            ELSE pg_catalog.jsonb_build_object('rows', e.rows,
-                                               'row_count', pg_catalog.jsonb_array_length(e.rows)) END
-$$;
+    LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'notify_event_context';
 
 CREATE OR REPLACE FUNCTION notify.create_rule(name text, event_type text, template text, recipients text[],
                                    channel text DEFAULT 'email',
