@@ -192,6 +192,25 @@ maybe_dropped(ErrorData *edata)
 		edata->sqlerrcode == ERRCODE_UNDEFINED_SCHEMA;
 }
 
+/*
+ * emit_error: log an error caught and copied earlier, as the ERROR it was
+ * (with its code, detail and context), without throwing it again.
+ */
+static void
+emit_error(ErrorData *edata)
+{
+	PG_TRY();
+	{
+		ReThrowError(edata);
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+}
+
 /* extension_gone: whether the extension is absent now (false if that cannot be told). */
 static bool
 extension_gone(void)
@@ -451,36 +470,41 @@ notify_worker_main(Datum main_arg)
 		PG_CATCH();
 		{
 			ErrorData  *edata;
-
 			bool		dropped;
 
 			MemoryContextSwitchTo(TopMemoryContext);
 			edata = CopyErrorData();
-			dropped = maybe_dropped(edata);
-			if (!dropped)
-				EmitErrorReport();
 			FlushErrorState();
 			AbortCurrentTransaction();
 
 			/*
-			 * A DROP EXTENSION in the middle of a round is no error: say what
-			 * happened, and wait for the extension as at start.
+			 * A DROP EXTENSION in the middle of a round is no error, whatever
+			 * the round tripped over (a missing table, function or schema, a
+			 * cache lookup of a dropped relation): say what happened, and
+			 * wait for the extension as at start.  Told by looking, not by
+			 * the error's code.
 			 */
-			if (dropped && !extension_gone())
-				ereport(WARNING, (errmsg("notify_ext: %s", edata->message)));
-			else if (dropped)
+			dropped = extension_gone();
+			if (dropped)
 			{
 				ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\" during a round; waiting for it to be created again",
 									 notify_database)));
 				sender_shutdown();
 			}
+			else if (maybe_dropped(edata))
+			{
+				/* dropped and created again meanwhile, most likely */
+				ereport(WARNING, (errmsg("notify_ext: %s", edata->message)));
+			}
+			else
+				emit_error(edata);
 			record_worker_error(edata->message);
 			FreeErrorData(edata);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			/* a persistent fault must not make the worker spin */
 			failures++;
 			sleep_ms = Min(MAX_ERROR_PAUSE_MS, 1000L << Min(failures, 6));
-			if (dropped && extension_gone())
+			if (dropped)
 				sleep_ms = 0;		/* not a fault: go and wait for CREATE EXTENSION */
 			ready = false;
 		}

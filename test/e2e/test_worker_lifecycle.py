@@ -80,7 +80,8 @@ def test_drop_extension_is_not_blocked_and_worker_recovers(bare, smtp, uniq):
         install(conn, smtp, uniq)
         send_one(conn, smtp, uniq + "again")
         assert worker_pid(conn) == pid, "no restart needed"
-    assert "notify_ext worker ERROR" not in bare.log()
+    errors = [ln for ln in bare.log().splitlines() if "notify_ext worker ERROR" in ln]
+    assert errors == [], "a DROP EXTENSION under a round must not be logged as an error"
 
 
 def test_sigterm_stops_worker_promptly_and_it_comes_back(bare, smtp, uniq):
@@ -117,3 +118,31 @@ def test_reload_pauses_and_resumes_sending(bare, smtp, uniq):
         conn.execute("ALTER SYSTEM RESET notify.enabled")
         conn.execute("SELECT pg_reload_conf()")
         smtp.wait_for(to, timeout=10)
+
+
+def test_worker_error_is_logged_as_error_and_worker_carries_on(bare, smtp, uniq):
+    """An error that is no DROP EXTENSION (here the queue's claimed_by column
+    renamed away) is logged as the ERROR it is, shown by worker_status(), and
+    the worker tries again later instead of dying or spinning."""
+    with bare.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
+            install(conn, smtp, uniq)
+        send_one(conn, smtp, uniq)
+        pid = worker_pid(conn)
+        before = len(bare.log())
+        conn.execute("ALTER TABLE notify.message RENAME COLUMN claimed_by TO claimed_by_gone")
+        try:
+            etype = f"ping.{uniq}"
+            to = f"{uniq}@example.com"
+            conn.execute("SELECT notify.emit(%s, '{\"n\": 3}')", (etype,))
+            wait_until(lambda: "claimed_by" in bare.log()[before:], timeout=10, what="the worker's error logged")
+            lines = [ln for ln in bare.log()[before:].splitlines() if "claimed_by" in ln]
+            print(lines[0])
+            assert "notify_ext worker ERROR:" in lines[0]
+            last = conn.execute("SELECT string_agg(last_error, ' ') FROM notify.worker_status()").fetchone()[0]
+            assert "claimed_by" in (last or "")
+            assert len(smtp.to(to)) == 1, "nothing can be sent while the queue is broken"
+        finally:
+            conn.execute("ALTER TABLE notify.message RENAME COLUMN claimed_by_gone TO claimed_by")
+        smtp.wait_for(to, count=2, timeout=20)
+        assert worker_pid(conn) == pid, "the worker must not die of an error"
