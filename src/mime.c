@@ -39,6 +39,7 @@
 #define MIME_MAX_FILENAME	255
 #define MIME_MAX_EXTENSION	16
 #define MIME_SHOWN_BYTES	80	/* address bytes quoted in error messages */
+#define MIME_QP_LINE		76	/* RFC 2045: encoded lines at most 76 bytes */
 
 typedef struct StrBuf
 {
@@ -1344,4 +1345,220 @@ mime_domain_of(const char *address)
 		return NULL;
 	at = strrchr(address, '@');
 	return at != NULL ? (char *) (at + 1) : NULL;
+}
+
+/* qp_put - one quoted-printable token, soft-breaking first if the line would pass 76 */
+static void
+qp_put(StrBuf *sb, size_t *col, const char *tok, size_t n)
+{
+	if (*col + n > MIME_QP_LINE - 1)
+	{
+		sb_putn(sb, "=\r\n", 3);
+		*col = 0;
+	}
+	sb_putn(sb, tok, n);
+	*col += n;
+}
+
+/* append_qp - quoted-printable of CRLF text (see mime_encode_qp) */
+static void
+append_qp(StrBuf *sb, const char *s, size_t len)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	size_t		col = 0;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+		bool		at_eol = i + 1 == len || (s[i + 1] == '\r' && i + 2 < len && s[i + 2] == '\n');
+
+		if (c == '\r' && i + 1 < len && s[i + 1] == '\n')
+		{
+			sb_putn(sb, "\r\n", 2);
+			col = 0;
+			i++;
+			continue;
+		}
+		if ((c >= 33 && c <= 126 && c != '=') || ((c == ' ' || c == '\t') && !at_eol))
+		{
+			char		t = (char) c;
+
+			qp_put(sb, &col, &t, 1);
+		}
+		else
+		{
+			char		t[3] = {'=', hex[c >> 4], hex[c & 0x0F]};
+
+			qp_put(sb, &col, t, 3);
+		}
+	}
+}
+
+char *
+mime_encode_qp(const char *s, size_t len, size_t *outlen)
+{
+	StrBuf		sb;
+	char	   *out;
+
+	if (outlen != NULL)
+		*outlen = 0;
+	if (!sb_init(&sb, len + len / 8 + 16))
+		return NULL;
+	append_qp(&sb, s, len);
+	out = sb_finish(&sb, NULL, 0);
+	if (out != NULL && outlen != NULL)
+		*outlen = sb.len;
+	return out;
+}
+
+/* append_base64_lines - base64 in CRLF-terminated lines of 76 characters */
+static void
+append_base64_lines(StrBuf *sb, const unsigned char *data, size_t len)
+{
+	for (size_t i = 0; i < len; i += 57)	/* 57 bytes: 76 characters */
+	{
+		append_base64(sb, data + i, len - i < 57 ? len - i : 57);
+		sb_putn(sb, "\r\n", 2);
+	}
+}
+
+char *
+mime_encode_base64(const void *data, size_t len, size_t *outlen)
+{
+	StrBuf		sb;
+	char	   *out;
+
+	if (outlen != NULL)
+		*outlen = 0;
+	if (!sb_init(&sb, b64_len(len) + len / 28 + 16))
+		return NULL;
+	append_base64_lines(&sb, data, len);
+	out = sb_finish(&sb, NULL, 0);
+	if (out != NULL && outlen != NULL)
+		*outlen = sb.len;
+	return out;
+}
+
+/*
+ * append_text_part - the headers and quoted-printable body of one text
+ * part.  In a multipart, a CRLF follows: the one before the next
+ * delimiter belongs to the delimiter (RFC 2046), so the text's own last
+ * line end is kept.
+ */
+static void
+append_text_part(StrBuf *sb, const char *body, const char *subtype, bool in_multipart)
+{
+	size_t		len;
+	char	   *norm = mime_normalize_crlf(body, strlen(body), &len);
+
+	if (norm == NULL)
+	{
+		sb->failed = true;
+		return;
+	}
+	sb_puts(sb, "Content-Type: text/");
+	sb_puts(sb, subtype);
+	sb_puts(sb, "; charset=UTF-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n");
+	append_qp(sb, norm, len);
+	mime_hooks.free(norm);
+	if (in_multipart)
+		sb_putn(sb, "\r\n", 2);
+}
+
+/* append_boundary - "--boundary" CRLF, or the closing "--boundary--" CRLF */
+static void
+append_boundary(StrBuf *sb, const char *kind, const char *token, bool last)
+{
+	sb_puts(sb, "--=_notify_");
+	sb_puts(sb, kind);
+	sb_putc(sb, '_');
+	sb_puts(sb, token);
+	sb_puts(sb, last ? "--\r\n" : "\r\n");
+}
+
+/* append_content_type_multipart - a multipart Content-Type with its boundary */
+static void
+append_multipart_type(StrBuf *sb, const char *subtype, const char *kind, const char *token)
+{
+	sb_puts(sb, "Content-Type: multipart/");
+	sb_puts(sb, subtype);
+	sb_puts(sb, "; boundary=\"=_notify_");
+	sb_puts(sb, kind);
+	sb_putc(sb, '_');
+	sb_puts(sb, token);
+	sb_puts(sb, "\"\r\n");
+}
+
+/* append_body - text, or text and html as multipart/alternative */
+static void
+append_body(StrBuf *sb, const char *text, const char *html, const char *token, bool in_multipart)
+{
+	if (html == NULL)
+	{
+		append_text_part(sb, text, "plain", in_multipart);
+		return;
+	}
+	append_multipart_type(sb, "alternative", "alt", token);
+	sb_puts(sb, "\r\n");
+	append_boundary(sb, "alt", token, false);
+	append_text_part(sb, text, "plain", true);
+	append_boundary(sb, "alt", token, false);
+	append_text_part(sb, html, "html", true);
+	append_boundary(sb, "alt", token, true);
+}
+
+char *
+mime_build_message(const char *headers, const char *text, const char *html,
+				   const MimeAttachment *attachments, int nattachments,
+				   const char *token, size_t *outlen, char *errbuf, size_t errlen)
+{
+	StrBuf		sb;
+	size_t		size = strlen(headers) + strlen(text) * 2 + 512;
+	char	   *out;
+
+	if (outlen != NULL)
+		*outlen = 0;
+	if (token == NULL || token[0] == '\0' || strlen(token) > 40 ||
+		strspn(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") != strlen(token))
+	{
+		set_error(errbuf, errlen, "invalid MIME boundary token");
+		return NULL;
+	}
+	if (html != NULL)
+		size += strlen(html) * 2;
+	for (int i = 0; i < nattachments; i++)
+		size += b64_len(attachments[i].len) + attachments[i].len / 28 + 256;
+	if (!sb_init(&sb, size))
+	{
+		set_error(errbuf, errlen, "out of memory while building the message");
+		return NULL;
+	}
+	sb_puts(&sb, headers);
+	sb_puts(&sb, "MIME-Version: 1.0\r\n");
+	if (nattachments == 0)
+		append_body(&sb, text, html, token, false);
+	else
+	{
+		append_multipart_type(&sb, "mixed", "mix", token);
+		sb_puts(&sb, "\r\n");
+		append_boundary(&sb, "mix", token, false);
+		append_body(&sb, text, html, token, true);
+		for (int i = 0; i < nattachments; i++)
+		{
+			const MimeAttachment *a = &attachments[i];
+
+			append_boundary(&sb, "mix", token, false);
+			sb_puts(&sb, "Content-Type: ");
+			sb_puts(&sb, a->content_type);
+			sb_puts(&sb, "\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; ");
+			sb_puts(&sb, a->filename_param);
+			sb_puts(&sb, "\r\n\r\n");
+			append_base64_lines(&sb, a->data, a->len);
+		}
+		append_boundary(&sb, "mix", token, true);
+	}
+	out = sb_finish(&sb, errbuf, errlen);
+	if (out != NULL && outlen != NULL)
+		*outlen = sb.len;
+	return out;
 }

@@ -101,4 +101,43 @@ extern bool mime_header_value_safe(const char *s, size_t len);
 /* Pointer just past the last '@' of address (no allocation), or NULL */
 extern char *mime_domain_of(const char *address);
 
+/*
+ * Quoted-printable (RFC 2045 section 6.7) of CRLF text: CRLF stays a hard
+ * line break, lines are at most 76 bytes (soft breaks "=" CRLF), '=', bytes
+ * outside printable ASCII and spaces or tabs before a line end are
+ * encoded.  The output never contains "=_".  NULL when out of memory.
+ */
+extern char *mime_encode_qp(const char *s, size_t len, size_t *outlen);
+
+/* Base64 in CRLF-terminated lines of 76 characters; NULL when out of memory */
+extern char *mime_encode_base64(const void *data, size_t len, size_t *outlen);
+
+/* One file of a message, as mime_build_message takes it */
+typedef struct MimeAttachment
+{
+	const char *content_type;	/* checked by the caller: mime_header_value_safe */
+	const char *filename_param; /* from mime_encode_filename */
+	const void *data;
+	size_t		len;
+} MimeAttachment;
+
+/*
+ * The whole message as it goes after DATA: `headers` (complete header
+ * lines, each ending in CRLF: Date, From, To, Subject, ...), then
+ * MIME-Version and the body:
+ *   text only                 text/plain, quoted-printable
+ *   text and html             multipart/alternative of both
+ *   with attachments          multipart/mixed of the above and the files
+ *                             (base64, Content-Disposition: attachment)
+ * text and html are UTF-8 with any line ends (CRLF on the wire); html may
+ * be NULL.  `token` ([A-Za-z0-9], at most 40) makes the boundaries
+ * "=_notify_alt_<token>" and "=_notify_mix_<token>", which neither
+ * quoted-printable nor base64 can contain.  Every line ends in CRLF.
+ * NULL (and errbuf set) when out of memory or token is not acceptable.
+ */
+extern char *mime_build_message(const char *headers, const char *text, const char *html,
+								const MimeAttachment *attachments, int nattachments,
+								const char *token, size_t *outlen,
+								char *errbuf, size_t errlen);
+
 #endif							/* NOTIFY_MIME_H */

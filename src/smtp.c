@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * smtp.c
- *	  libcurl SMTP transport: builds each message with curl_mime (text,
- *	  plus HTML as multipart/alternative), sends it over a connection that
- *	  is kept open between messages, and classifies the outcome.
+ *	  libcurl SMTP transport: uploads each message, built whole by mime.c
+ *	  (text, plus HTML as multipart/alternative, plus files), over a
+ *	  connection that is kept open between messages, and classifies the
+ *	  outcome.
  *
  * Header values never reach libcurl unchecked: addresses are validated
  * (libcurl would pass CR/LF in MAIL FROM/RCPT TO straight to the server),
@@ -18,6 +19,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/memutils.h"
@@ -53,8 +55,10 @@ struct SmtpClient
 	bool		busy;
 	void	   *tag;
 	SendResult *result;
-	curl_mime  *mime;
-	struct curl_slist *headers;
+	MemoryContext message_cxt;	/* the message being sent; reset per transfer */
+	char	   *message;		/* headers and body, CRLF lines, as after DATA */
+	size_t		message_len;
+	size_t		message_pos;	/* how much of it libcurl has read */
 	struct curl_slist *rcpt;
 	char		curl_err[CURL_ERROR_SIZE];
 	bool		body_done;		/* the server said 354: the data, then the final dot */
@@ -212,6 +216,8 @@ client_create(void)
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("notify_ext: could not create a libcurl handle")));
 	}
+	client->message_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP message",
+												ALLOCSET_DEFAULT_SIZES);
 	return client;
 }
 
@@ -225,6 +231,8 @@ client_destroy(SmtpClient *client)
 		curl_easy_cleanup(client->curl);
 	if (client->owns_cfg && client->cfg.password)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
+	if (client->message_cxt)
+		MemoryContextDelete(client->message_cxt);
 	pfree(client);
 }
 
@@ -307,19 +315,27 @@ set_common_options(SmtpClient *client, bool pooled)
 	}
 }
 
-/* add_text_part: one text part, UTF-8, CRLF lines, quoted-printable. */
-static void
-add_text_part(curl_mime *mime, const char *body, const char *type)
+/* read_cb: libcurl reads the message being sent from here. */
+static size_t
+read_cb(char *buffer, size_t size, size_t nitems, void *userp)
 {
-	curl_mimepart *part = curl_mime_addpart(mime);
-	size_t		len;
-	char	   *norm = mime_normalize_crlf(body, strlen(body), &len);
+	SmtpClient *client = (SmtpClient *) userp;
+	size_t		n = Min(size * nitems, client->message_len - client->message_pos);
 
-	curl_mime_data(part, norm, len);
-	mime_free(norm);
-	curl_mime_type(part, type);
-	/* quoted-printable keeps lines under 76 bytes and any byte safe on the wire */
-	curl_mime_encoder(part, "quoted-printable");
+	memcpy(buffer, client->message + client->message_pos, n);
+	client->message_pos += n;
+	return n;
+}
+
+/*
+ * boundary_token: a token for this message's MIME boundaries.  mime.c's
+ * boundaries cannot occur in its encoded parts; the token only keeps them
+ * apart from anything a reader might paste, and from other messages'.
+ */
+static void
+boundary_token(char *buf, size_t size, int64 message_id)
+{
+	snprintf(buf, size, "%llx%08x", (long long) message_id, (unsigned) pg_prng_uint32(&pg_global_prng_state));
 }
 
 /* fail_result: fill a result for a message that cannot be sent as it is. */
@@ -344,7 +360,10 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, 
 	char	   *to_header;
 	char	   *subject;
 	char	   *from_header;
-	curl_mime  *mime;
+	char		token[48];
+	StringInfo	headers;
+	MimeAttachment *attachments;
+	MemoryContext old;
 
 	memset(result, 0, sizeof(*result));
 	client->result = result;
@@ -355,8 +374,8 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, 
 	client->reply_after_body = false;
 	client->last_ul = 0;
 	client->last_activity = GetCurrentTimestamp();
-	client->headers = client->rcpt = NULL;
-	client->mime = NULL;
+	client->rcpt = NULL;
+	client->message = NULL;
 
 	if (!mime_check_address(msg->address, errbuf, sizeof(errbuf)))
 	{
@@ -384,64 +403,60 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, 
 		return false;
 	}
 
-	client->headers = curl_slist_append(client->headers, psprintf("Date: %s", mime_format_date(time(NULL), datebuf, sizeof(datebuf))));
-	client->headers = curl_slist_append(client->headers, psprintf("From: %s", from_header));
-	client->headers = curl_slist_append(client->headers, psprintf("To: %s", to_header));
-	client->headers = curl_slist_append(client->headers, psprintf("Subject: %s", subject));
-	client->headers = curl_slist_append(client->headers,
-										psprintf("Message-ID: %s",
-												 mime_message_id("notify.message", msg->id,
-																 mime_domain_of(client->cfg.from_address),
-																 idbuf, sizeof(idbuf))));
+	/* every line of the message is built here; libcurl only dot-stuffs it */
+	headers = makeStringInfo();
+	appendStringInfo(headers, "Date: %s\r\n", mime_format_date(time(NULL), datebuf, sizeof(datebuf)));
+	appendStringInfo(headers, "From: %s\r\n", from_header);
+	appendStringInfo(headers, "To: %s\r\n", to_header);
+	appendStringInfo(headers, "Subject: %s\r\n", subject);
+	appendStringInfo(headers, "Message-ID: %s\r\n",
+					 mime_message_id("notify.message", msg->id, mime_domain_of(client->cfg.from_address),
+									 idbuf, sizeof(idbuf)));
 	/* RFC 3834: tells auto-responders not to answer a machine */
-	client->headers = curl_slist_append(client->headers, "Auto-Submitted: auto-generated");
-	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
+	appendStringInfoString(headers, "Auto-Submitted: auto-generated\r\n");
 
-	mime = curl_mime_init(client->curl);
-	client->mime = mime;
-	if (msg->html_body != NULL)
-	{
-		curl_mime  *alt = curl_mime_init(client->curl);
-		curl_mimepart *part;
-
-		add_text_part(alt, msg->text_body ? msg->text_body : "", "text/plain; charset=UTF-8");
-		add_text_part(alt, msg->html_body, "text/html; charset=UTF-8");
-		part = curl_mime_addpart(mime);
-		curl_mime_subparts(part, alt);
-		curl_mime_type(part, "multipart/alternative");
-	}
-	else
-		add_text_part(mime, msg->text_body ? msg->text_body : "", "text/plain; charset=UTF-8");
-
+	attachments = palloc0(sizeof(MimeAttachment) * Max(msg->nattachments, 1));
 	for (int i = 0; i < msg->nattachments; i++)
 	{
 		const OutAttachment *att = &msg->attachments[i];
-		curl_mimepart *part = curl_mime_addpart(mime);
-		struct curl_slist *disp = NULL;
 		char	   *param = mime_encode_filename(att->filename, errbuf, sizeof(errbuf));
 
 		if (param == NULL || !mime_header_value_safe(att->content_type, strlen(att->content_type)))
 		{
-			release_transfer(client);
 			fail_result(result, SEND_FAILED, "attachment: %s",
 						param == NULL ? errbuf : "content type contains control characters");
 			return false;
 		}
-		curl_mime_data(part, att->data, att->len);
-		curl_mime_type(part, att->content_type);
-		curl_mime_encoder(part, "base64");
 		/* RFC 2231 file name: non-ASCII names survive, quotes and paths cannot break out */
-		disp = curl_slist_append(disp, psprintf("Content-Disposition: attachment; %s", param));
-		curl_mime_headers(part, disp, 1);
-		mime_free(param);
+		attachments[i].filename_param = param;
+		attachments[i].content_type = att->content_type;
+		attachments[i].data = att->data;
+		attachments[i].len = att->len;
 	}
+
+	boundary_token(token, sizeof(token), msg->id);
+	MemoryContextReset(client->message_cxt);
+	old = MemoryContextSwitchTo(client->message_cxt);
+	client->message = mime_build_message(headers->data, msg->text_body ? msg->text_body : "",
+										 msg->html_body, attachments, msg->nattachments, token,
+										 &client->message_len, errbuf, sizeof(errbuf));
+	MemoryContextSwitchTo(old);
+	client->message_pos = 0;
+	if (client->message == NULL)
+	{
+		fail_result(result, SEND_RETRY, "could not build the message: %s", errbuf);
+		return false;
+	}
+	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
 
 	set_common_options(client, pooled);
 	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM, psprintf("<%s>", client->cfg.from_address));
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, client->rcpt);
-	curl_easy_setopt(client->curl, CURLOPT_HTTPHEADER, client->headers);
-	curl_easy_setopt(client->curl, CURLOPT_MIMEPOST, client->mime);
+	curl_easy_setopt(client->curl, CURLOPT_UPLOAD, 1L);
+	curl_easy_setopt(client->curl, CURLOPT_READFUNCTION, read_cb);
+	curl_easy_setopt(client->curl, CURLOPT_READDATA, client);
+	curl_easy_setopt(client->curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t) client->message_len);
 	return true;
 }
 
@@ -449,16 +464,15 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, 
 static void
 release_transfer(SmtpClient *client)
 {
-	curl_easy_setopt(client->curl, CURLOPT_MIMEPOST, NULL);
-	curl_easy_setopt(client->curl, CURLOPT_HTTPHEADER, NULL);
+	curl_easy_setopt(client->curl, CURLOPT_UPLOAD, 0L);
+	curl_easy_setopt(client->curl, CURLOPT_READDATA, NULL);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, NULL);
 	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, NULL);
-	if (client->mime)
-		curl_mime_free(client->mime);
-	curl_slist_free_all(client->headers);
 	curl_slist_free_all(client->rcpt);
-	client->mime = NULL;
-	client->headers = client->rcpt = NULL;
+	client->rcpt = NULL;
+	client->message = NULL;
+	client->message_len = client->message_pos = 0;
+	MemoryContextReset(client->message_cxt);
 }
 
 /*

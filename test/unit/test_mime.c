@@ -877,6 +877,229 @@ test_allocator(void)
 }
 
 /* main - run all groups and print the summary line */
+
+/* lcg - a small deterministic pseudo-random sequence (rand_r is not C11) */
+static int
+lcg(unsigned int *state)
+{
+	*state = *state * 1103515245u + 12345u;
+	return (int) ((*state >> 16) & 0x7FFF);
+}
+
+/* qp_decode - RFC 2045 quoted-printable decoder, to check the encoder by round trip */
+static size_t
+qp_decode(const char *s, size_t len, char *out)
+{
+	size_t		o = 0;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		if (s[i] == '=' && i + 2 < len && s[i + 1] == '\r' && s[i + 2] == '\n')
+			i += 2;				/* soft line break */
+		else if (s[i] == '=' && i + 2 < len)
+		{
+			unsigned int v;
+
+			sscanf(s + i + 1, "%2X", &v);
+			out[o++] = (char) v;
+			i += 2;
+		}
+		else
+			out[o++] = s[i];
+	}
+	return o;
+}
+
+/* qp_lines_ok - every line at most 76 bytes, printable ASCII, no space before a line end */
+static int
+qp_lines_ok(const char *s, size_t len)
+{
+	size_t		col = 0;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+
+		if (c == '\r')
+		{
+			if (i + 1 >= len || s[i + 1] != '\n')
+				return 0;
+			if (i > 0 && (s[i - 1] == ' ' || s[i - 1] == '\t'))
+				return 0;
+			col = 0;
+			i++;
+			continue;
+		}
+		if (c == '\n' || (c < 32 && c != '\t') || c > 126)
+			return 0;
+		if (c == '=' && i + 1 < len && s[i + 1] == '_')
+			return 0;
+		if (++col > 76)
+			return 0;
+	}
+	return 1;
+}
+
+static void
+test_quoted_printable(void)
+{
+	size_t		n;
+	char	   *r;
+	char		line[200];
+	unsigned int seed = 12345;
+
+	r = mime_encode_qp("a=b caf\xC3\xA9\r\n", 11, &n);
+	CHECK(r && strcmp(r, "a=3Db caf=C3=A9\r\n") == 0, "qp basic: %s", show(r));
+	mime_free(r);
+	r = mime_encode_qp("ab \r\ncd\t\r\nend ", 14, &n);
+	CHECK(r && strcmp(r, "ab=20\r\ncd=09\r\nend=20") == 0, "qp trailing blanks: %s", show(r));
+	mime_free(r);
+	r = mime_encode_qp("=_x", 3, &n);
+	CHECK(r && strcmp(r, "=3D_x") == 0, "qp never writes =_: %s", show(r));
+	mime_free(r);
+	memset(line, 'x', 100);
+	r = mime_encode_qp(line, 100, &n);
+	CHECK(r && n == 103 && memcmp(r + 75, "=\r\n", 3) == 0, "qp soft break after 75: %s", show(r));
+	mime_free(r);
+	memset(line, 'x', 75);
+	r = mime_encode_qp(line, 75, &n);
+	CHECK(r && n == 75 && strchr(r, '=') == NULL, "qp 75 bytes fit one line: %s", show(r));
+	mime_free(r);
+	/* an encoded triple is never split by a soft break */
+	memset(line, 'x', 74);
+	memcpy(line + 74, "\xC3\xA9", 2);
+	r = mime_encode_qp(line, 76, &n);
+	CHECK(r && memcmp(r + 74, "=\r\n=C3=A9", 9) == 0, "qp triple kept whole: %s", show(r));
+	mime_free(r);
+	r = mime_encode_qp("", 0, &n);
+	CHECK(r && n == 0 && r[0] == '\0', "qp empty");
+	mime_free(r);
+
+	/* random text (CRLF-normalised, every byte value) survives the round trip */
+	for (int round = 0; round < 300; round++)
+	{
+		char		in[600];
+		char	   *norm;
+		size_t		inlen = (size_t) (lcg(&seed) % 500);
+		size_t		normlen;
+		char	   *dec;
+		size_t		declen;
+
+		for (size_t i = 0; i < inlen; i++)
+		{
+			int			k = lcg(&seed) % 10;
+
+			in[i] = k < 4 ? 'a' + lcg(&seed) % 26 : k < 6 ? ' ' : k < 7 ? '\n' :
+				k < 8 ? '=' : (char) (lcg(&seed) % 256);
+		}
+		norm = mime_normalize_crlf(in, inlen, &normlen);
+		r = mime_encode_qp(norm, normlen, &n);
+		dec = malloc(n + 1);
+		declen = qp_decode(r, n, dec);
+		CHECK(declen == normlen && memcmp(dec, norm, normlen) == 0, "qp round trip %d", round);
+		CHECK(qp_lines_ok(r, n), "qp lines round %d: %s", round, show(r));
+		free(dec);
+		mime_free(r);
+		mime_free(norm);
+	}
+}
+
+static void
+test_base64_lines(void)
+{
+	size_t		n;
+	char	   *r;
+	unsigned char data[200];
+
+	for (int i = 0; i < 200; i++)
+		data[i] = (unsigned char) (i * 7);
+	r = mime_encode_base64(data, 57, &n);
+	CHECK(r && n == 78 && memcmp(r + 76, "\r\n", 2) == 0 && strchr(r, '=') == NULL,
+		  "base64 57 bytes: one full line: %s", show(r));
+	mime_free(r);
+	r = mime_encode_base64(data, 58, &n);
+	CHECK(r && n == 78 + 6 && strcmp(r + 78, "0Q==\r\n") != 0 && memcmp(r + 78 + 2, "==\r\n", 4) == 0,
+		  "base64 58 bytes: a second, padded line: %s", show(r));
+	mime_free(r);
+	r = mime_encode_base64("Man", 3, &n);
+	CHECK(r && strcmp(r, "TWFu\r\n") == 0, "base64 Man: %s", show(r));
+	mime_free(r);
+	r = mime_encode_base64("", 0, &n);
+	CHECK(r && n == 0, "base64 empty");
+	mime_free(r);
+}
+
+/* count - occurrences of needle in haystack */
+static int
+count(const char *haystack, const char *needle)
+{
+	int			c = 0;
+
+	for (const char *p = strstr(haystack, needle); p != NULL; p = strstr(p + 1, needle))
+		c++;
+	return c;
+}
+
+static void
+test_build_message(void)
+{
+	const char *hdr = "From: a@example.com\r\nTo: b@example.com\r\nSubject: s\r\n";
+	char		err[MIME_ERRBUF_SIZE];
+	size_t		n;
+	char	   *r;
+	MimeAttachment att[2] = {
+		{"application/pdf", "filename=\"f.pdf\"", "%PDF-1.4 \x00\x01\xff", 12},
+		{"text/csv; charset=utf-8", "filename*=UTF-8''a%C3%A9.csv", "a,b\r\n1,2\r\n", 10},
+	};
+
+	r = mime_build_message(hdr, "Hello\nwörld", NULL, NULL, 0, "T0k", &n, err, sizeof(err));
+	CHECK(r && strcmp(r, "From: a@example.com\r\nTo: b@example.com\r\nSubject: s\r\n"
+					  "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+					  "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+					  "Hello\r\nw=C3=B6rld\r\n") == 0 && n == strlen(r),
+		  "text only: %s", show(r));
+	mime_free(r);
+
+	r = mime_build_message(hdr, "plain", "<p>html</p>", NULL, 0, "T0k", &n, err, sizeof(err));
+	CHECK(r && strstr(r, "MIME-Version: 1.0\r\nContent-Type: multipart/alternative; "
+					  "boundary=\"=_notify_alt_T0k\"\r\n\r\n--=_notify_alt_T0k\r\n"
+					  "Content-Type: text/plain; charset=UTF-8\r\n") != NULL &&
+		  strstr(r, "\r\n\r\nplain\r\n\r\n--=_notify_alt_T0k\r\nContent-Type: text/html; charset=UTF-8\r\n") != NULL &&
+		  strstr(r, "<p>html</p>\r\n\r\n--=_notify_alt_T0k--\r\n") != NULL &&
+		  r[n - 1] == '\n' && count(r, "--=_notify_alt_T0k") == 3,
+		  "text and html: %s", show(r));
+	mime_free(r);
+
+	r = mime_build_message(hdr, "plain", "<p>html</p>", att, 2, "T0k", &n, err, sizeof(err));
+	CHECK(r && strstr(r, "Content-Type: multipart/mixed; boundary=\"=_notify_mix_T0k\"\r\n\r\n"
+					  "--=_notify_mix_T0k\r\nContent-Type: multipart/alternative;") != NULL &&
+		  strstr(r, "--=_notify_alt_T0k--\r\n--=_notify_mix_T0k\r\nContent-Type: application/pdf\r\n"
+				 "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"f.pdf\""
+				 "\r\n\r\nJVBERi0xLjQgAAH/\r\n--=_notify_mix_T0k\r\n") != NULL &&
+		  strstr(r, "filename*=UTF-8''a%C3%A9.csv\r\n\r\nYSxiDQoxLDINCg==\r\n--=_notify_mix_T0k--\r\n") != NULL &&
+		  count(r, "--=_notify_mix_T0k") == 4,
+		  "attachments: %s", show(r));
+	/* CRLF everywhere: no bare CR or LF */
+	{
+		int			bare = 0;
+
+		for (size_t i = 0; r && i < n; i++)
+			if ((r[i] == '\n' && (i == 0 || r[i - 1] != '\r')) || (r[i] == '\r' && (i + 1 == n || r[i + 1] != '\n')))
+				bare++;
+		CHECK(r && bare == 0, "no bare CR or LF");
+	}
+	mime_free(r);
+
+	r = mime_build_message(hdr, "", NULL, NULL, 0, "T0k", &n, err, sizeof(err));
+	CHECK(r && n > 20 && strcmp(r + n - 20, "quoted-printable\r\n\r\n") == 0, "empty text: %s", show(r));
+	mime_free(r);
+
+	r = mime_build_message(hdr, "x", NULL, NULL, 0, "bad\"token", &n, err, sizeof(err));
+	CHECK(r == NULL && strstr(err, "boundary") != NULL, "a token that could break the header is refused");
+	r = mime_build_message(hdr, "x", NULL, NULL, 0, "", &n, err, sizeof(err));
+	CHECK(r == NULL, "an empty token is refused");
+}
+
 int
 main(void)
 {
@@ -890,6 +1113,9 @@ main(void)
 	test_filenames();
 	test_misc();
 	test_allocator();
+	test_quoted_printable();
+	test_base64_lines();
+	test_build_message();
 
 	printf("%d passed, %d failed\n", n_passed, n_failed);
 	return n_failed == 0 ? 0 : 1;
