@@ -401,6 +401,23 @@ advance(ScheduleRow *s)
 	notify_run_plan(advance_plan, args, nulls, false, 0, SPI_OK_UPDATE, "advancing a schedule");
 }
 
+/* What run_one_due's subtransaction works on. */
+typedef struct ScheduleWork
+{
+	ScheduleRow *schedule;
+	int			events;
+	int			skipped;
+} ScheduleWork;
+
+/* emit_work: run_one_due's work, in its subtransaction. */
+static void
+emit_work(void *arg)
+{
+	ScheduleWork *w = (ScheduleWork *) arg;
+
+	w->events = emit_events(w->schedule, &w->skipped);
+}
+
 /*
  * run_one_due: run the most overdue schedule, if any, in the caller's
  * transaction; a failing query is rolled back alone and recorded.
@@ -410,49 +427,26 @@ static bool
 run_one_due(void)
 {
 	MemoryContext outer = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	ScheduleRow *s;
+	ScheduleWork w = {0};
 	int64		run_id;
-	volatile int events = 0;
-	int			skipped = 0;
-	char	   *volatile error = NULL;
 
 	if (notify_run_plan(due_plan, NULL, NULL, false, 1, SPI_OK_SELECT, "finding due schedules") == 0)
 		return false;
-	s = read_schedule(SPI_tuptable->vals[0], SPI_tuptable->tupdesc);
-	run_id = start_run(s, s->next_run);
+	w.schedule = read_schedule(SPI_tuptable->vals[0], SPI_tuptable->tupdesc);
+	run_id = start_run(w.schedule, w.schedule->next_run);
 	if (run_id >= 0)
 	{
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(outer);
-		PG_TRY();
-		{
-			int			n = emit_events(s, &skipped);
+		char	   *error = notify_try_subxact(emit_work, &w, outer, outer);
 
-			events = n;
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(outer);
-			CurrentResourceOwner = owner;
-		}
-		PG_CATCH();
+		if (error != NULL)
 		{
-			ErrorData  *edata;
-
-			MemoryContextSwitchTo(outer);
-			edata = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(outer);
-			CurrentResourceOwner = owner;
-			error = pstrdup(edata->message ? edata->message : "unknown error");
-			FreeErrorData(edata);
+			w.events = 0;
 			ereport(LOG,
-					(errmsg("notify_ext: schedule \"%s\" failed: %s", s->name, error)));
+					(errmsg("notify_ext: schedule \"%s\" failed: %s", w.schedule->name, error)));
 		}
-		PG_END_TRY();
-		finish_run(run_id, error, events, skipped);
+		finish_run(run_id, error, w.events, w.skipped);
 	}
-	advance(s);
+	advance(w.schedule);
 	return true;
 }
 

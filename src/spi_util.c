@@ -7,7 +7,10 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "executor/spi.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 
 #include "notify_ext.h"
 
@@ -46,4 +49,43 @@ notify_run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_onl
 	if (ret != expected)
 		elog(ERROR, "notify_ext: %s failed: %s", what, SPI_result_code_string(ret));
 	return SPI_processed;
+}
+
+/*
+ * notify_try_subxact: run fn(arg) in a subtransaction of its own, in
+ * work_cxt, and come back to `outer`.  Returns NULL when it went well
+ * (its work is kept), else the error's message, allocated in `outer`
+ * (its work is rolled back, the error flushed): one bad event or row
+ * fails alone and the batch goes on.
+ */
+char *
+notify_try_subxact(void (*fn) (void *arg), void *arg, MemoryContext outer, MemoryContext work_cxt)
+{
+	ResourceOwner owner = CurrentResourceOwner;
+	char	   *volatile error = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(work_cxt);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = owner;
+		error = pstrdup(edata->message ? edata->message : "unknown error");
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return error;
 }

@@ -107,3 +107,43 @@ def test_bad_rows_fail_alone(db, smtp, uniq):
     assert len(mails) == 88 and smtp.to("x@evil.example") == []
     assert sorted(int(m.subject.split()[1]) for m in mails) == \
         sorted(set(range(1, 101)) - set(reasons))
+
+
+def test_message_that_cannot_be_queued_fails_its_event_alone(db, smtp, uniq):
+    """Fan-out queues the messages of many events with one INSERT.  When
+    that INSERT fails (here a constraint the DBA added rejects one
+    address), each event's messages are queued again on their own: the
+    event whose message is refused fails with the reason, and the other 49
+    events of the batch are mailed."""
+    etype = f"q.{uniq}"
+    bad = f"refused_{uniq}@example.com"
+    good = [f"ok{i}_{uniq}@example.com" for i in range(49)]
+    con = f"reject_{uniq}"
+    db.execute("SELECT notify.set_template(%s, 'q {{row.n}}', 'n = {{row.n}}')", (f"tpl_{uniq}",))
+    db.execute("SELECT notify.create_rule(%s, %s, %s, ARRAY['field:row.to'])",
+               (f"rule_{uniq}", etype, f"tpl_{uniq}"))
+    db.execute(f"ALTER TABLE notify.message ADD CONSTRAINT {con} CHECK (address <> '{bad}') NOT VALID")
+    try:
+        addresses = good[:20] + [bad] + good[20:]
+        db.execute("SELECT notify.emit(%s, jsonb_build_object('n', n, 'to', a)) "
+                   "FROM unnest(%s::text[]) WITH ORDINALITY AS t(a, n)", (etype, addresses))
+        wait_until(lambda: db.execute("SELECT count(*) FROM notify.event WHERE event_type = %s "
+                                      "AND status <> 'pending'", (etype,)).fetchone()[0] == 50,
+                   timeout=30, what="50 events processed")
+        for a in good:
+            smtp.wait_for(a, timeout=30)
+    finally:
+        db.execute(f"ALTER TABLE notify.message DROP CONSTRAINT IF EXISTS {con}")
+    events = dict(db.execute("SELECT status, count(*) FROM notify.event WHERE event_type = %s GROUP BY 1",
+                             (etype,)).fetchall())
+    [error] = db.execute("SELECT last_error FROM notify.event WHERE event_type = %s AND status = 'failed'",
+                         (etype,)).fetchone()
+    queued = db.execute("SELECT count(*) FROM notify.message WHERE event_type = %s", (etype,)).fetchone()[0]
+    print(f"\n[refused message] injected: a CHECK constraint on notify.message refusing 1 of 50 addresses; "
+          f"counted: events {events}, {queued} messages queued; error: {error!r}")
+    assert events == {"done": 49, "failed": 1}
+    assert con in error
+    assert queued == 49
+    assert smtp.to(bad) == []
+    for a in good:
+        assert len(smtp.to(a)) == 1
