@@ -1347,51 +1347,60 @@ mime_domain_of(const char *address)
 	return at != NULL ? (char *) (at + 1) : NULL;
 }
 
-/* qp_put - one quoted-printable token, soft-breaking first if the line would pass 76 */
-static void
-qp_put(StrBuf *sb, size_t *col, const char *tok, size_t n)
-{
-	if (*col + n > MIME_QP_LINE - 1)
-	{
-		sb_putn(sb, "=\r\n", 3);
-		*col = 0;
-	}
-	sb_putn(sb, tok, n);
-	*col += n;
-}
-
-/* append_qp - quoted-printable of CRLF text (see mime_encode_qp) */
+/*
+ * append_qp - quoted-printable of CRLF text (see mime_encode_qp).  The
+ * worst case (every byte encoded, plus soft breaks) is reserved first, so
+ * the loop writes straight into the buffer.
+ */
 static void
 append_qp(StrBuf *sb, const char *s, size_t len)
 {
 	static const char hex[] = "0123456789ABCDEF";
 	size_t		col = 0;
+	char	   *out;
 
+	if (len > SIZE_MAX / 8 || !sb_reserve(sb, len * 3 + (len / 24 + 1) * 3))
+	{
+		sb->failed = true;
+		return;
+	}
+	out = sb->data + sb->len;
 	for (size_t i = 0; i < len; i++)
 	{
 		unsigned char c = (unsigned char) s[i];
-		bool		at_eol = i + 1 == len || (s[i + 1] == '\r' && i + 2 < len && s[i + 2] == '\n');
+		bool		at_eol;
+		size_t		width;
 
 		if (c == '\r' && i + 1 < len && s[i + 1] == '\n')
 		{
-			sb_putn(sb, "\r\n", 2);
+			*out++ = '\r';
+			*out++ = '\n';
 			col = 0;
 			i++;
 			continue;
 		}
-		if ((c >= 33 && c <= 126 && c != '=') || ((c == ' ' || c == '\t') && !at_eol))
+		at_eol = i + 1 == len || (s[i + 1] == '\r' && i + 2 < len && s[i + 2] == '\n');
+		width = ((c >= 33 && c <= 126 && c != '=') || ((c == ' ' || c == '\t') && !at_eol)) ? 1 : 3;
+		/* a soft break keeps every line at most 76 bytes, its "=" included */
+		if (col + width > MIME_QP_LINE - 1)
 		{
-			char		t = (char) c;
-
-			qp_put(sb, &col, &t, 1);
+			*out++ = '=';
+			*out++ = '\r';
+			*out++ = '\n';
+			col = 0;
 		}
+		if (width == 1)
+			*out++ = (char) c;
 		else
 		{
-			char		t[3] = {'=', hex[c >> 4], hex[c & 0x0F]};
-
-			qp_put(sb, &col, t, 3);
+			*out++ = '=';
+			*out++ = hex[c >> 4];
+			*out++ = hex[c & 0x0F];
 		}
+		col += width;
 	}
+	sb->len = out - sb->data;
+	sb->data[sb->len] = '\0';
 }
 
 char *
