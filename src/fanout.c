@@ -1047,6 +1047,7 @@ fanout_event(const PendingEvent *ev)
 	ListCell   *lc;
 	int			count = 0;
 
+
 	if (rules == NIL)
 		return 0;
 	base = jsonb_to_tmpl_value(ev->context);
@@ -1260,6 +1261,7 @@ fanout_pending_events(int batch_size)
 	events = claim_events(batch_size);
 	if (events == NIL)
 		return 0;
+	notify_refresh_snapshot();
 
 	done = palloc(sizeof(Datum) * list_length(events));
 	batch_rules_begin(outer);

@@ -687,6 +687,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 	prepare_plans();
 	MemoryContextSwitchTo(batch);
 	claimed = claim_messages(batch_size);
+	notify_refresh_snapshot();	/* a channel set up just before its messages were queued */
 	foreach(lc, claimed)
 	{
 		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);

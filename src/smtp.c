@@ -106,23 +106,18 @@ dup_or_null(const char *s)
 }
 
 /*
- * debug_cb: keeps the server's last reply line, which is what the log
- * shows as smtp_response ("250 2.0.0 Ok: queued as 4XyZ"), and notes that
- * the transfer is alive.
+ * note_reply: a reply line from the server.  Keeps the last one, which is
+ * what the log shows as smtp_response ("250 2.0.0 Ok: queued as 4XyZ"),
+ * and follows the DATA phase: after 354, the next reply answers the final
+ * dot.
  */
-static int
-debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
+static void
+note_reply(SmtpClient *client, const char *data, size_t size)
 {
-	SmtpClient *client = (SmtpClient *) userp;
 	size_t		n;
 
-	client->last_activity = GetCurrentTimestamp();
-	if (type == CURLINFO_HEADER_OUT && size >= 4 && pg_strncasecmp(data, "QUIT", 4) == 0)
-		client->quitting = true;
-	if (client->transcript != NULL)
-		record_transcript(client, type, data, size);
-	if (type != CURLINFO_HEADER_IN || size == 0 || client->quitting)
-		return 0;
+	if (size == 0 || client->quitting)
+		return;
 	if (client->body_done)
 		client->reply_after_body = true;
 	else if (size >= 4 && strncmp(data, "354", 3) == 0)
@@ -137,6 +132,44 @@ debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
 	client->last_reply[n] = '\0';
 	while (n > 0 && (client->last_reply[n - 1] == '\r' || client->last_reply[n - 1] == '\n'))
 		client->last_reply[--n] = '\0';
+}
+
+/*
+ * header_cb: the server's reply lines, as libcurl hands them to a header
+ * callback.  The worker's transfers use this, not VERBOSE: libcurl
+ * formats its informational messages only for a debug callback (about 14
+ * us per message in test/bench/curl_ceiling.c).
+ */
+static size_t
+header_cb(char *data, size_t size, size_t nitems, void *userp)
+{
+	SmtpClient *client = (SmtpClient *) userp;
+	size_t		n = size * nitems;
+
+	client->last_activity = GetCurrentTimestamp();
+	/* 221 only ever answers QUIT, which is not the reply we log */
+	if (n >= 3 && strncmp(data, "221", 3) == 0)
+		client->quitting = true;
+	note_reply(client, data, n);
+	return n;
+}
+
+/*
+ * debug_cb: test_smtp's view of the dialogue (VERBOSE): the transcript,
+ * and the reply lines as header_cb takes them.
+ */
+static int
+debug_cb(CURL *handle, curl_infotype type, char *data, size_t size, void *userp)
+{
+	SmtpClient *client = (SmtpClient *) userp;
+
+	client->last_activity = GetCurrentTimestamp();
+	if (type == CURLINFO_HEADER_OUT && size >= 4 && pg_strncasecmp(data, "QUIT", 4) == 0)
+		client->quitting = true;
+	if (client->transcript != NULL)
+		record_transcript(client, type, data, size);
+	if (type == CURLINFO_HEADER_IN)
+		note_reply(client, data, size);
 	return 0;
 }
 
@@ -271,9 +304,21 @@ set_common_options(SmtpClient *client, bool pooled)
 	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, progress_cb);
 	curl_easy_setopt(curl, CURLOPT_XFERINFODATA, client);
-	curl_easy_setopt(curl, CURLOPT_VERBOSE, 1L);
-	curl_easy_setopt(curl, CURLOPT_DEBUGFUNCTION, debug_cb);
-	curl_easy_setopt(curl, CURLOPT_DEBUGDATA, client);
+	if (client->transcript != NULL)
+	{
+		/* one or the other: both would see every reply line twice */
+		curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, NULL);
+		curl_easy_setopt(curl, CURLOPT_HEADERDATA, NULL);
+		curl_easy_setopt(curl, CURLOPT_VERBOSE, 1L);
+		curl_easy_setopt(curl, CURLOPT_DEBUGFUNCTION, debug_cb);
+		curl_easy_setopt(curl, CURLOPT_DEBUGDATA, client);
+	}
+	else
+	{
+		curl_easy_setopt(curl, CURLOPT_VERBOSE, 0L);
+		curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, header_cb);
+		curl_easy_setopt(curl, CURLOPT_HEADERDATA, client);
+	}
 
 	/*
 	 * 'verify' and 'require' fail closed: CURLUSESSL_ALL makes libcurl give

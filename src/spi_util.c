@@ -11,6 +11,7 @@
 #include "executor/spi.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 
 #include "notify_ext.h"
 
@@ -88,4 +89,21 @@ notify_try_subxact(void (*fn) (void *arg), void *arg, MemoryContext outer, Memor
 	}
 	PG_END_TRY();
 	return error;
+}
+
+/*
+ * notify_refresh_snapshot: after a claim, read what follows (rules,
+ * recipients, channels) with a snapshot at least as new as the claim's.
+ * The read-only lookups use the active snapshot, which was taken when the
+ * transaction began: a rule created just before an event, both committed
+ * between that moment and the claim, was invisible to it, and the event
+ * was marked done with nobody told (seen in test_worker_lifecycle.py).
+ * Under READ COMMITTED this is a new snapshot; under REPEATABLE READ the
+ * transaction's, which the claim used too.
+ */
+void
+notify_refresh_snapshot(void)
+{
+	PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
 }
