@@ -231,6 +231,24 @@ SELECT e.op, e.table_name, x.id, e.row = x.j AS row_equals_to_jsonb,
 SELECT e.row -> 'n' AS n, e.row -> 'f4' AS f4, e.row -> 'f8' AS f8, e.row -> 'd' AS d,
        e.row -> 'tstz' AS tstz, e.row -> 'j' AS j, e.row -> 'rec' AS rec, e.row -> 'dom' AS dom
   FROM notify.event e WHERE e.event_type = 'rowjson.kinds' AND e.op = 'INSERT' ORDER BY e.id LIMIT 3;
+-- a table of scalar columns only is written directly in jsonb's key order
+-- (shorter keys first, then bytewise): every key is found by ->, and the
+-- text is to_jsonb's
+CREATE TABLE rowjson_r.scalars (
+    "bb" integer, "a" text, "aa" numeric, "b" boolean, "ccc" date, "é" real,
+    "A" timestamptz, "Zz" uuid, "_" text, "long name with spaces" double precision
+);
+SELECT pg_temp.n(notify.watch('rowjson_r.scalars', 'rowjson.scalars')) AS triggers;
+INSERT INTO rowjson_r.scalars VALUES
+  (1, 'x', 'NaN', true, '2026-01-01', 'Infinity', '2026-03-29 01:30+00',
+   'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'empty key', 1e-10),
+  (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+SELECT k.bb, e.row = to_jsonb(k) AS equal, e.row::text = to_jsonb(k)::text AS same_text,
+       (SELECT bool_and(e.row -> key IS NOT DISTINCT FROM to_jsonb(k) -> key)
+          FROM jsonb_object_keys(to_jsonb(k)) key) AS every_key_found
+  FROM notify.event e JOIN rowjson_r.scalars k ON (e.row ->> 'bb')::int IS NOT DISTINCT FROM k.bb
+ WHERE e.event_type = 'rowjson.scalars' ORDER BY e.id;
+SELECT notify.unwatch('rowjson_r.scalars', 'rowjson.scalars');
 SELECT notify.unwatch('rowjson_r.kinds', 'rowjson.kinds');
 DROP SCHEMA rowjson_r CASCADE;
 

@@ -82,6 +82,9 @@ typedef struct RowWriter
 	char	   *qualified_name; /* "schema"."table", quoted where needed */
 	int			natts;
 	ColumnWriter *cols;
+	bool		scalars_only;	/* no column can hold a JSON container */
+	int			npairs;			/* columns that are not dropped ... */
+	int		   *key_order;		/* ... in jsonb's key order (length, then bytes) */
 } RowWriter;
 
 #define MAX_WRITERS 64
@@ -151,6 +154,19 @@ column_kind(Oid type)
 	return COL_TO_JSONB;
 }
 
+/* jsonb's order of object keys: shorter first, then bytewise */
+static int
+key_order_cmp(const void *a, const void *b, void *arg)
+{
+	ColumnWriter *cols = (ColumnWriter *) arg;
+	ColumnWriter *x = &cols[*(const int *) a];
+	ColumnWriter *y = &cols[*(const int *) b];
+
+	if (x->namelen != y->namelen)
+		return x->namelen < y->namelen ? -1 : 1;
+	return memcmp(x->name, y->name, x->namelen);
+}
+
 /* build_writer: the per-column part of to_jsonb for this relation, once. */
 static void
 build_writer(RowWriter *w, Relation rel)
@@ -192,6 +208,18 @@ build_writer(RowWriter *w, Relation rel)
 														InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
 		}
 	}
+	w->scalars_only = true;
+	w->npairs = 0;
+	w->key_order = palloc(sizeof(int) * Max(desc->natts, 1));
+	for (int i = 0; i < desc->natts; i++)
+	{
+		if (w->cols[i].kind == COL_DROPPED)
+			continue;
+		if (w->cols[i].kind == COL_JSONB || w->cols[i].kind == COL_TO_JSONB)
+			w->scalars_only = false;
+		w->key_order[w->npairs++] = i;
+	}
+	qsort_arg(w->key_order, w->npairs, sizeof(int), key_order_cmp, w->cols);
 	MemoryContextSwitchTo(old);
 	w->stale = false;
 }
@@ -305,9 +333,9 @@ notify_push_jsonb(JsonbParseState **state, JsonbIteratorToken token, Jsonb *j)
 	(void) pushJsonbValue(state, token, &jv);
 }
 
-/* push_value: one column's value into the object being built. */
+/* scalar_value: a column of a scalar kind (not COL_JSONB, COL_TO_JSONB) as jsonb. */
 static void
-push_value(JsonbParseState **state, ColumnWriter *c, Datum value)
+scalar_value(ColumnWriter *c, Datum value, JsonbValue *out)
 {
 	JsonbValue	jv;
 
@@ -382,16 +410,27 @@ push_value(JsonbParseState **state, ColumnWriter *c, Datum value)
 				set_string(&jv, s, strlen(s));
 			}
 			break;
-		case COL_JSONB:
-			notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(value));
-			return;
-		case COL_TO_JSONB:
-			notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(FunctionCall1(&c->to_jsonb, value)));
-			return;
 		default:
 			elog(ERROR, "notify_ext: unexpected column kind %d", (int) c->kind);
 	}
-	(void) pushJsonbValue(state, WJB_VALUE, &jv);
+	*out = jv;
+}
+
+/* push_value: one column's value into the object being built. */
+static void
+push_value(JsonbParseState **state, ColumnWriter *c, Datum value)
+{
+	JsonbValue	jv;
+
+	if (c->kind == COL_JSONB)
+		notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(value));
+	else if (c->kind == COL_TO_JSONB)
+		notify_push_jsonb(state, WJB_VALUE, DatumGetJsonbP(FunctionCall1(&c->to_jsonb, value)));
+	else
+	{
+		scalar_value(c, value, &jv);
+		(void) pushJsonbValue(state, WJB_VALUE, &jv);
+	}
 }
 
 /*
@@ -411,6 +450,36 @@ notify_row_to_jsonb(Relation rel, HeapTuple tuple)
 	if (w->natts != desc->natts)
 		elog(ERROR, "notify_ext: row writer of relation \"%s\" is out of date", w->qualified_name);
 	heap_deform_tuple(tuple, desc, values, nulls);
+	if (w->scalars_only)
+	{
+		/*
+		 * Every value a scalar: the object is laid out directly, its pairs
+		 * already in jsonb's key order, without pushJsonbValue's sorting
+		 * and copying.
+		 */
+		JsonbValue	obj;
+
+		obj.type = jbvObject;
+		obj.val.object.nPairs = w->npairs;
+		obj.val.object.pairs = palloc(sizeof(JsonbPair) * Max(w->npairs, 1));
+		for (int k = 0; k < w->npairs; k++)
+		{
+			int			i = w->key_order[k];
+			JsonbPair  *pair = &obj.val.object.pairs[k];
+
+			pair->key.type = jbvString;
+			pair->key.val.string.val = w->cols[i].name;
+			pair->key.val.string.len = w->cols[i].namelen;
+			pair->order = k;
+			if (nulls[i])
+				pair->value.type = jbvNull;
+			else
+				scalar_value(&w->cols[i], values[i], &pair->value);
+		}
+		pfree(values);
+		pfree(nulls);
+		return JsonbPGetDatum(JsonbValueToJsonb(&obj));
+	}
 	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (int i = 0; i < w->natts; i++)
 	{
