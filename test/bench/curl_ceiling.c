@@ -13,7 +13,9 @@
  *
  * quiet: no VERBOSE/debug callback; raw: the message uploaded ready-made
  * with a read callback instead of libcurl's MIME and quoted-printable
- * encoder.  Prints messages/s and CPU per message (all processes).
+ * encoder.  "quiet raw" is how the worker sends since 0.2 (src/smtp.c);
+ * like the worker, every process keeps freed memory (no brk per message).
+ * Prints messages/s and CPU per message (all processes).
  */
 #include <curl/curl.h>
 #include <stdio.h>
@@ -24,6 +26,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <malloc.h>
 
 static int
 debug_cb(CURL *h, curl_infotype type, char *data, size_t size, void *userp)
@@ -181,6 +184,10 @@ send_all(const char *url, int n, int id)
 int
 main(int argc, char **argv)
 {
+	/* as the worker does (src/worker.c, keep_freed_memory) */
+	mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024);
+	mallopt(M_TOP_PAD, 1024 * 1024);
+
 	const char *url;
 	int			n;
 	int			procs;
