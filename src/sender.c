@@ -65,6 +65,7 @@ typedef struct BatchChannel
 static SmtpPool *pool = NULL;	/* in TopMemoryContext */
 
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr expire_plan = NULL;
 static SPIPlanPtr channel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr attempt_plan = NULL;
@@ -89,9 +90,9 @@ prepare_plans(void)
 		return;
 
 	/*
-	 * Due messages, and those whose lease ran out (a sender that died):
-	 * both are taken in id order, a batch at a time, skipping what another
-	 * sender holds.
+	 * Due messages, in the queue's order, a batch at a time, skipping what
+	 * another sender is claiming.  (Those whose lease ran out, a sender
+	 * that died, are put back in the queue first: expire_plan.)
 	 *
 	 * The batch's ids are collected into an array and the rows updated by
 	 * primary key: joined to a CTE instead, the planner cannot know the
@@ -107,8 +108,7 @@ prepare_plans(void)
 						   "       claimed_by = $3"
 						   " WHERE m.id = ANY (ARRAY("
 						   "  SELECT d.id FROM notify.message d"
-						   "   WHERE (d.status = 'queued' AND d.next_attempt_at <= pg_catalog.now())"
-						   "      OR (d.status = 'sending' AND d.lease_until < pg_catalog.now())"
+						   "   WHERE d.status = 'queued' AND d.next_attempt_at <= pg_catalog.now()"
 						   "   ORDER BY d.next_attempt_at, d.id"
 						   /* a fair share of what is due, so a burst is spread over the workers */
 						   "   LIMIT (SELECT GREATEST(1, pg_catalog.ceil(pg_catalog.count(*)::float8 / $4)::integer)"
@@ -122,6 +122,13 @@ prepare_plans(void)
 						   "          EXISTS (SELECT 1 FROM notify.attachment a"
 						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
 						   4, claim_t);
+	expire_plan = notify_keep_plan(
+							"UPDATE notify.message m SET status = 'queued', lease_until = NULL"
+							" WHERE m.id = ANY (ARRAY("
+							"  SELECT d.id FROM notify.message d"
+							"   WHERE d.status = 'sending' AND d.lease_until < pg_catalog.now()"
+							"   FOR UPDATE SKIP LOCKED))",
+							0, NULL);
 	channel_plan = notify_keep_plan(
 							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls, c.rate_per_minute,"
 							 "       c.content_type,"
@@ -140,10 +147,11 @@ prepare_plans(void)
 	 * max).
 	 *
 	 * "(status || '') = 'sending'" here and in defer_plan and renew_plan:
-	 * a plain "status = 'sending'" implies message_queued_idx's predicate,
+	 * a plain "status = 'sending'" implies a partial index's predicate,
 	 * and a generic plan made while the table was small (a fresh queue)
-	 * then reads the row by id through that index, whose leading column
-	 * is next_attempt_at: every lookup scans the whole queue's index
+	 * then reads the row by id through that index (then message_queued_idx,
+	 * now message_lease_idx), whose leading column is not the id: every
+	 * lookup scans the whole index
 	 * (test/bench/delivery.py: 155 buffers per message at 16,000 queued).
 	 * Written so, only the primary key can serve "id = $1".
 	 */
@@ -271,6 +279,9 @@ load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind
 	return true;
 }
 
+#define LEASE_CHECK_US 1000000
+static TimestampTz leases_checked_at = 0;
+
 /* claim_messages: mark a batch 'sending' under a lease; the caller commits. */
 static List *
 claim_messages(int batch_size)
@@ -279,7 +290,21 @@ claim_messages(int batch_size)
 	Int32GetDatum(notify_worker_slot), Int32GetDatum(notify_workers)};
 	uint64		n;
 	List	   *claimed = NIL;
-	int			nestlevel = NewGUCNestLevel();
+	int			nestlevel;
+	TimestampTz now = GetCurrentTimestamp();
+
+	/*
+	 * Messages whose lease ran out (their sender died, or hangs past its
+	 * renewals) go back to the queue, looked for once a second: the claim
+	 * itself reads the queue only.
+	 */
+	if (now - leases_checked_at >= LEASE_CHECK_US || now < leases_checked_at)
+	{
+		notify_run_plan(expire_plan, NULL, NULL, false, 0, SPI_OK_UPDATE,
+						"putting messages whose lease ran out back in the queue");
+		leases_checked_at = now;
+	}
+	nestlevel = NewGUCNestLevel();
 
 	/*
 	 * The claim must read the queue's index in order and stop after a

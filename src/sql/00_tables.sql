@@ -174,8 +174,11 @@ CREATE TABLE notify.message (
     last_error      text,
     smtp_response   text
 );
-CREATE INDEX message_queued_idx ON notify.message (next_attempt_at, id)
-    WHERE status IN ('queued', 'sending');
+-- the queue, in the order it is sent; what is being sent is not in it, so
+-- a claim does not step over the messages other workers hold
+CREATE INDEX message_queued_idx ON notify.message (next_attempt_at, id) WHERE status = 'queued';
+-- messages being sent, by the end of their lease: a dead sender's go back to the queue
+CREATE INDEX message_lease_idx ON notify.message (lease_until) WHERE status = 'sending';
 CREATE INDEX message_event_idx ON notify.message (event_id);
 -- entries held for a digest, by the end of their period (next_attempt_at)
 CREATE INDEX message_digest_idx ON notify.message (next_attempt_at) WHERE status = 'digest';

@@ -161,3 +161,31 @@ def test_test_smtp_reports_steps_and_never_the_password(db, smtp, uniq):
     t0 = time.monotonic()
     report = db.execute("SELECT notify.test_smtp(%s)", (f"closed_{uniq}",)).fetchone()[0]
     assert "FAILED" in report and time.monotonic() - t0 < 15
+
+
+def test_a_dead_senders_messages_go_back_to_the_queue_when_its_lease_runs_out(db, smtp, uniq):
+    """A message left 'sending' by a sender that is gone (here slot 31, which
+    no worker has) goes back to the queue once its lease ran out, and is
+    sent as its second attempt; one whose lease still runs stays its
+    holder's."""
+    expired = f"expired_{uniq}@example.com"
+    held = f"held_{uniq}@example.com"
+    db.execute("""INSERT INTO notify.message (event_type, address, channel, status, attempts, subject,
+                                              text_body, lease_until, claimed_by)
+                  VALUES (%s, %s, 'email', 'sending', 1, 'left behind', 'body',
+                          now() - interval '1 second', 31),
+                         (%s, %s, 'email', 'sending', 1, 'still held', 'body',
+                          now() + interval '1 hour', 30)""",
+               (f"lease.{uniq}", expired, f"lease.{uniq}", held))
+    db.execute("SELECT notify._wake_worker()")
+    [mail] = smtp.wait_for(expired, timeout=15)
+    assert mail.subject == "left behind"
+    row = wait_until(lambda: db.execute("SELECT status, attempts FROM notify.message WHERE address = %s "
+                                        "AND status = 'sent'", (expired,)).fetchone(),
+                     what="the expired one recorded as sent")
+    assert row == ("sent", 2)
+    time.sleep(1.5)
+    assert smtp.to(held) == []
+    assert db.execute("SELECT status, claimed_by FROM notify.message WHERE address = %s",
+                      (held,)).fetchone() == ("sending", 30)
+    db.execute("UPDATE notify.message SET status = 'cancelled', lease_until = NULL WHERE address = %s", (held,))

@@ -9,6 +9,12 @@ ALTER TABLE notify.message DROP CONSTRAINT message_status_check,
     ADD CONSTRAINT message_status_check CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'dead',
                                                           'suppressed', 'cancelled', 'digest', 'digested'));
 CREATE INDEX message_digest_idx ON notify.message (next_attempt_at) WHERE status = 'digest';
+DROP INDEX notify.message_queued_idx;
+-- the queue, in the order it is sent; what is being sent is not in it, so
+-- a claim does not step over the messages other workers hold
+CREATE INDEX message_queued_idx ON notify.message (next_attempt_at, id) WHERE status = 'queued';
+-- messages being sent, by the end of their lease: a dead sender's go back to the queue
+CREATE INDEX message_lease_idx ON notify.message (lease_until) WHERE status = 'sending';
 ALTER TABLE notify.attempt DROP CONSTRAINT attempt_outcome_check,
     ADD CONSTRAINT attempt_outcome_check CHECK (outcome IN ('sent', 'failed', 'retry', 'unknown'));
 ALTER TABLE notify.channel ADD COLUMN body_template text, ADD COLUMN content_type text,
