@@ -77,6 +77,7 @@ extern struct _SPI_plan *notify_keep_plan(const char *sql, int nargs, Oid *argty
 extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char *nulls,
 							  bool read_only, long tcount, int expected, const char *what);
 extern void notify_refresh_snapshot(void);
+extern void notify_lock_extension(void);
 extern char *notify_try_subxact(void (*fn) (void *arg), void *arg, MemoryContext outer,
 								MemoryContext work_cxt);
 

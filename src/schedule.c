@@ -472,6 +472,7 @@ notify_run_due_schedules(long *next_due_ms)
 		CHECK_FOR_INTERRUPTS();
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		notify_lock_extension();
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "notify_ext: running schedules");

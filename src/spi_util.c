@@ -8,6 +8,10 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_extension.h"
+#include "commands/extension.h"
+#include "storage/lmgr.h"
+#include "utils/inval.h"
 #include "executor/spi.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -106,4 +110,31 @@ notify_refresh_snapshot(void)
 {
 	PopActiveSnapshot();
 	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+/*
+ * notify_lock_extension: called first in each of the worker's
+ * transactions.  A share lock on the extension itself: a DROP EXTENSION
+ * locks the extension before any of its tables, so it now waits for the
+ * worker's transaction to end (and a worker's next transaction waits for
+ * the DROP) instead of the two taking the tables' locks in opposite orders
+ * and deadlocking.  Raises "extension dropped" when it is gone by the time
+ * the lock is granted: the worker then waits for it as at start.
+ */
+void
+notify_lock_extension(void)
+{
+	Oid			ext = get_extension_oid("notify_ext", true);
+
+	if (OidIsValid(ext))
+	{
+		LockDatabaseObject(ExtensionRelationId, ext, 0, AccessShareLock);
+		/* granted after a DROP committed: see the catalog as it is now */
+		AcceptInvalidationMessages();
+		if (get_extension_oid("notify_ext", true) == ext)
+			return;
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_UNDEFINED_OBJECT),
+			 errmsg("extension \"notify_ext\" was dropped")));
 }

@@ -258,6 +258,7 @@ reclaim_orphans(void)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	notify_lock_extension();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: reclaiming messages");
@@ -284,6 +285,7 @@ fanout_round(void)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	notify_lock_extension();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: fanning out events");
@@ -316,6 +318,7 @@ purge_old_rows(void)
 	last_purge = now;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	notify_lock_extension();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: purging rows older than notify.retention");
