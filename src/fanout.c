@@ -811,15 +811,7 @@ insert_rows(MessageRows *rows, int from, int to)
 	if (to <= from)
 		return;
 	for (int c = 0; c < MSG_NARGS; c++)
-	{
-		int			dims[1] = {to - from};
-		int			lbs[1] = {1};
-		bool		int8 = msg_column_type[c] == INT8OID;
-
-		args[c] = PointerGetDatum(construct_md_array(rows->values[c] + from, rows->nulls[c] + from, 1, dims, lbs,
-													 msg_column_type[c], int8 ? 8 : -1, int8 ? FLOAT8PASSBYVAL : false,
-													 int8 ? TYPALIGN_DOUBLE : TYPALIGN_INT));
-	}
+		args[c] = notify_array(rows->values[c] + from, rows->nulls[c] + from, to - from, msg_column_type[c]);
 	notify_run_plan(insert_message_plan, args, NULL, false, 0, SPI_OK_INSERT, "queueing messages");
 }
 

@@ -78,6 +78,7 @@ extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char 
 							  bool read_only, long tcount, int expected, const char *what);
 extern void notify_refresh_snapshot(void);
 extern void notify_lock_extension(void);
+extern Datum notify_array(Datum *values, bool *nulls, int n, Oid elemtype);
 extern char *notify_try_subxact(void (*fn) (void *arg), void *arg, MemoryContext outer,
 								MemoryContext work_cxt);
 

@@ -24,7 +24,6 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -402,15 +401,7 @@ array_arg_add_text(ArrayArg *a, const char *s)
 static Datum
 array_arg_datum(ArrayArg *a)
 {
-	int16		len;
-	bool		byval;
-	char		align;
-	int			dims[1] = {a->n};
-	int			lbs[1] = {1};
-
-	get_typlenbyvalalign(a->elemtype, &len, &byval, &align);
-	return PointerGetDatum(construct_md_array(a->values, a->nulls, 1, dims, lbs,
-											  a->elemtype, len, byval, align));
+	return notify_array(a->values, a->nulls, a->n, a->elemtype);
 }
 
 /*

@@ -11,7 +11,9 @@
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "storage/lmgr.h"
+#include "utils/array.h"
 #include "utils/inval.h"
+#include "utils/lsyscache.h"
 #include "executor/spi.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -137,4 +139,22 @@ notify_lock_extension(void)
 	ereport(ERROR,
 			(errcode(ERRCODE_UNDEFINED_OBJECT),
 			 errmsg("extension \"notify_ext\" was dropped")));
+}
+
+/*
+ * notify_array: a one-dimensional array of n values of elemtype (nulls[i]
+ * true for a null element), for statements that take a batch's column as
+ * one argument (ROWS FROM (unnest($1), ...)).
+ */
+Datum
+notify_array(Datum *values, bool *nulls, int n, Oid elemtype)
+{
+	int16		len;
+	bool		byval;
+	char		align;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(elemtype, &len, &byval, &align);
+	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs, elemtype, len, byval, align));
 }
