@@ -6,7 +6,7 @@
 #   make bench                   the benchmarks in test/bench (install the extension first; ~8 min)
 
 EXTENSION = notify_ext
-EXTVERSION = 0.2
+EXTVERSION = 0.3
 
 MODULE_big = notify_ext
 OBJS = \
@@ -29,7 +29,8 @@ OBJS = \
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 # earlier versions, frozen as released, and the scripts that update them
-DATA = src/sql/upgrade/$(EXTENSION)--0.1.sql src/sql/upgrade/$(EXTENSION)--0.1--0.2.sql
+DATA = src/sql/upgrade/$(EXTENSION)--0.1.sql src/sql/upgrade/$(EXTENSION)--0.1--0.2.sql \
+	src/sql/upgrade/$(EXTENSION)--0.2.sql src/sql/upgrade/$(EXTENSION)--0.2--0.3.sql
 
 REGRESS = setup capture templates rules channels directory schedules security
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)

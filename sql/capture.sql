@@ -125,6 +125,12 @@ SELECT notify.watch('erp_order', 'order.created');
 SELECT notify.watch('erp_order', 'order.x', '{INSERT}', condition => 'OLD.status = ''x''');
 SELECT notify.watch('erp_order', 'order.x', '{UPDATE}', condition => 'NEW.no_such_column = 1');
 \set VERBOSITY default
+-- a condition is one expression: it cannot close the WHEN clause and add statements
+SELECT notify.watch('erp_order', 'order.x', '{INSERT}', condition => 'true) EXECUTE FUNCTION pg_catalog.now(); DROP TABLE erp_order; --');
+SELECT notify.watch('erp_order', 'order.x', '{INSERT}', condition => 'NEW.total > 0) --');
+SELECT notify.watch('erp_order', 'order.x', '{INSERT}', condition => 'true FROM pg_class WHERE true');
+SELECT notify.watch('erp_order', 'order.x', '{INSERT}', condition => 'NEW.total > 0; SELECT 1');
+SELECT to_regclass('erp_order') IS NOT NULL AS erp_order_still_there;
 SELECT notify.watch('no_such_table', 'order.x');
 SELECT notify.watch(NULL, 'order.x');
 SELECT notify.unwatch(NULL, 'order.x');

@@ -69,6 +69,14 @@ SELECT p.oid::regprocedure AS definer_without_search_path
   FROM pg_proc p
  WHERE p.pronamespace = 'notify'::regnamespace AND p.prosecdef
    AND NOT coalesce(p.proconfig::text LIKE '%search_path=pg_catalog, pg_temp%', false);
+-- every function pins its search_path, but those that run no SQL of their own,
+-- and the capture trigger and emit (on the ERP's hot path: they pin it in C
+-- around the statement they run, when they run one)
+SELECT p.oid::regprocedure AS not_pinned
+  FROM pg_proc p
+ WHERE p.pronamespace = 'notify'::regnamespace
+   AND NOT coalesce(p.proconfig::text LIKE '%search_path=pg_catalog, pg_temp%', false)
+ ORDER BY 1::text;
 -- and PUBLIC can execute nothing in the schema
 SELECT p.oid::regprocedure AS executable_by_public
   FROM pg_proc p

@@ -27,6 +27,7 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "parser/parser.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
@@ -201,6 +202,7 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	int			ret;
 	int64		id = 0;
 	SPIPlanPtr	plan;
+	int			nest;
 
 	if (!target.valid)
 		load_target();
@@ -212,6 +214,7 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	}
 
 	SPI_connect();
+	nest = notify_pin_search_path();
 
 	/*
 	 * As the owner from the start: the statement is parsed, and may be
@@ -234,6 +237,7 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 	plan = want_id ? emit_event_plan : insert_event_plan;
 	ret = SPI_execute_plan(plan, values, nulls, false, 0);
 	SetUserIdAndSecContext(save_userid, save_sec);
+	notify_unpin_search_path(nest);
 
 	if (ret != (want_id ? SPI_OK_INSERT_RETURNING : SPI_OK_INSERT))
 		elog(ERROR, "could not write event into notify.event: %s", SPI_result_code_string(ret));
@@ -440,4 +444,65 @@ notify_emit(PG_FUNCTION_ARGS)
 	nulls[6] = 'n';
 
 	PG_RETURN_INT64(insert_event(values, nulls, true));
+}
+
+PG_FUNCTION_INFO_V1(notify_check_condition);
+
+/*
+ * notify_check_condition: notify._check_condition(condition): raise unless
+ * the text is exactly one SQL expression.  notify.watch pastes a condition
+ * into CREATE TRIGGER ... WHEN (condition), and "true) ...; --" would
+ * otherwise close the clause and run more statements.  The text is parsed
+ * as the only item of a SELECT list, the closing parenthesis on a line of
+ * its own so that a trailing "--" cannot swallow it: one statement, one
+ * unnamed item, no other clause.  Such a text, put between the same
+ * parentheses after WHEN, is that expression or a syntax error, never
+ * anything else.  Names are not looked up here: CREATE TRIGGER does that.
+ */
+Datum
+notify_check_condition(PG_FUNCTION_ARGS)
+{
+	char	   *condition = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *sql = psprintf("SELECT (%s\n)", condition);
+	MemoryContext caller = CurrentMemoryContext;
+	List	   *volatile parsed = NIL;
+	bool		one = false;
+
+	PG_TRY();
+	{
+		parsed = raw_parser(sql, RAW_PARSE_DEFAULT);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(ERRCODE_SYNTAX_ERROR),
+				 errmsg("condition is not a valid SQL expression: %s", edata->message),
+				 errhint("A condition is one boolean expression over NEW and OLD, e.g. NEW.status = 'approved'.")));
+	}
+	PG_END_TRY();
+
+	if (list_length(parsed) == 1 && IsA(((RawStmt *) linitial(parsed))->stmt, SelectStmt))
+	{
+		SelectStmt *sel = (SelectStmt *) ((RawStmt *) linitial(parsed))->stmt;
+
+		one = sel->op == SETOP_NONE && sel->fromClause == NIL && sel->whereClause == NULL &&
+			sel->groupClause == NIL && sel->havingClause == NULL && sel->windowClause == NIL &&
+			sel->sortClause == NIL && sel->limitCount == NULL && sel->limitOffset == NULL &&
+			sel->lockingClause == NIL && sel->withClause == NULL && sel->intoClause == NULL &&
+			sel->distinctClause == NIL && sel->valuesLists == NIL &&
+			list_length(sel->targetList) == 1 &&
+			((ResTarget *) linitial(sel->targetList))->name == NULL;
+	}
+	if (!one)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("condition must be one SQL expression"),
+				 errdetail("Condition: %s", condition),
+				 errhint("A condition is one boolean expression over NEW and OLD, e.g. NEW.status = 'approved'; it cannot end the WHEN clause or add statements.")));
+	PG_RETURN_VOID();
 }

@@ -21,7 +21,9 @@
 #include "nodes/parsenodes.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/plancache.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -396,32 +398,6 @@ scalar_text(const TmplValue *v)
 }
 
 /*
- * execute_as_owner: run a query a user registered, with that user's
- * rights (and row-level security), never the worker's.  The restricted
- * flag stops the query from changing role or settings for the worker.
- */
-static int
-execute_as_owner(Oid owner, const char *what, const char *sql, int nargs, Oid *types, Datum *values)
-{
-	Oid			save_userid;
-	int			save_sec;
-	int			ret;
-	MemoryContext target = CurrentMemoryContext;
-
-	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("the role that owns %s no longer exists", what),
-				 errhint("Re-create it as an existing role so that its query has someone's rights to run with.")));
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	ret = SPI_execute_with_args(sql, nargs, types, values, NULL, true, 0);
-	SetUserIdAndSecContext(save_userid, save_sec);
-	MemoryContextSwitchTo(target);
-	return ret;
-}
-
-/*
  * lookup_key: a recipient by key: one stored with set_recipient, else one
  * found live through the directory of its prefix.  NULL when nobody.
  */
@@ -460,10 +436,10 @@ lookup_key(const char *key)
 		query = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 		owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 		id = CStringGetTextDatum(colon + 1);
-		ret = execute_as_owner(owner, psprintf("directory \"%s\"", prefix),
-							   psprintf("SELECT q.email::text, q.display_name::text, q.phone::text, q.locale::text "
-										"FROM (%s\n) q LIMIT 1", query),
-							   1, &argtype, &id);
+		ret = notify_execute_as_owner(owner, psprintf("directory \"%s\"", prefix),
+									  psprintf("SELECT q.email::text, q.display_name::text, q.phone::text, q.locale::text "
+											   "FROM (%s\n) q LIMIT 1", query),
+									  1, &argtype, &id, true, 0);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "directory query for prefix \"%s\" failed: %s", prefix, SPI_result_code_string(ret));
 	}
@@ -624,8 +600,8 @@ rule_extra(const RuleInfo *rule, Jsonb *context)
 	bool		isnull;
 	Datum		d;
 
-	ret = execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
-						   rule->context_query, 1, &argtype, &arg);
+	ret = notify_execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
+								  rule->context_query, 1, &argtype, &arg, true, 0);
 	if (ret < 0 || SPI_tuptable == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
@@ -997,25 +973,48 @@ store_attachments(const PendingEvent *ev, const RuleInfo *rule)
 	}
 	if (rule->attachments_query == NULL)
 		return;
-	ret = execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
-						   psprintf("SELECT q.filename::text, q.content_type::text, q.content::bytea "
-									"FROM (%s\n) q", rule->attachments_query),
-						   1, &argtype, &arg);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "attachments_query of rule \"%s\" failed: %s", rule->name, SPI_result_code_string(ret));
+	/*
+	 * The query returns (filename, content_type, content), read by
+	 * position whatever the columns are called ("SELECT name,
+	 * 'application/pdf', pdf FROM ..." is the usual way to write it).
+	 */
+	ret = notify_execute_as_owner(rule->owner, psprintf("rule \"%s\"", rule->name),
+								  rule->attachments_query, 1, &argtype, &arg, true, 0);
+	if (ret != SPI_OK_SELECT || SPI_tuptable == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("attachments_query of rule \"%s\" did not return rows", rule->name)));
 	files = SPI_tuptable;
 	nfiles = SPI_processed;
+	if (files->tupdesc->natts != 3 || SPI_gettypeid(files->tupdesc, 3) != BYTEAOID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("attachments_query of rule \"%s\" must return three columns: filename, content_type and content (bytea)",
+						rule->name),
+				 errdetail("It returns %d column(s)%s.", files->tupdesc->natts,
+						   files->tupdesc->natts >= 3 ? psprintf(", the third of type %s",
+																format_type_be(SPI_gettypeid(files->tupdesc, 3))) : "")));
 	for (uint64 i = 0; i < nfiles; i++)
 	{
 		Datum		v[5];
-		bool		isnull[3];
+		bool		isnull;
 
 		v[0] = Int64GetDatum(ev->id);
 		v[1] = Int64GetDatum(rule->id);
 		for (int c = 0; c < 3; c++)
 		{
-			v[c + 2] = SPI_getbinval(files->vals[i], files->tupdesc, c + 1, &isnull[c]);
-			if (isnull[c])
+			if (c < 2)
+			{
+				/* text of whatever type the column is (varchar, name, text) */
+				char	   *t = SPI_getvalue(files->vals[i], files->tupdesc, c + 1);
+
+				isnull = (t == NULL);
+				if (!isnull)
+					v[c + 2] = CStringGetTextDatum(t);
+			}
+			else
+				v[c + 2] = SPI_getbinval(files->vals[i], files->tupdesc, c + 1, &isnull);
+			if (isnull)
 				ereport(ERROR,
 						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 						 errmsg("attachments_query of rule \"%s\" returned a null %s",
@@ -1389,4 +1388,54 @@ notify_explain(PG_FUNCTION_ARGS)
 	SPI_finish();
 	MemoryContextSwitchTo(caller);
 	return (Datum) 0;
+}
+
+PG_FUNCTION_INFO_V1(notify_query_columns);
+
+/*
+ * notify_query_columns: notify._query_columns(query, argtype): the types
+ * of the columns a user's query returns, parsed (not run) as the worker
+ * will run it: with the caller's rights and the search_path of the
+ * caller's own sessions ("$user", public), switched for the parse only.
+ * create_rule checks an attachments_query's shape with it: three columns,
+ * read by position, the third bytea.
+ */
+Datum
+notify_query_columns(PG_FUNCTION_ARGS)
+{
+	char	   *query = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			argtype = PG_GETARG_OID(1);
+	MemoryContext caller = CurrentMemoryContext;
+	SPIPlanPtr	plan;
+	CachedPlanSource *source;
+	TupleDesc	desc;
+	Datum	   *types;
+	int			nest;
+
+	SPI_connect();
+	nest = NewGUCNestLevel();
+	(void) set_config_option("search_path", NOTIFY_OWNER_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	plan = SPI_prepare(query, 1, &argtype);
+	AtEOXact_GUC(false, nest);
+	if (plan == NULL)
+		elog(ERROR, "could not prepare the query: %s", SPI_result_code_string(SPI_result));
+	if (list_length(SPI_plan_get_plan_sources(plan)) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the query must be one statement")));
+	source = (CachedPlanSource *) linitial(SPI_plan_get_plan_sources(plan));
+	desc = source->resultDesc;
+	if (desc == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the query returns no rows"),
+				 errhint("It must be a SELECT (or a statement with RETURNING).")));
+	MemoryContextSwitchTo(caller);
+	types = palloc(sizeof(Datum) * Max(desc->natts, 1));
+	for (int i = 0; i < desc->natts; i++)
+		types[i] = ObjectIdGetDatum(TupleDescAttr(desc, i)->atttypid);
+	SPI_finish();
+	MemoryContextSwitchTo(caller);
+	PG_RETURN_ARRAYTYPE_P(construct_array(types, desc->natts, REGTYPEOID, sizeof(Oid), true, TYPALIGN_INT));
 }

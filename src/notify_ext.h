@@ -72,7 +72,19 @@ typedef struct NotifyShared
 
 extern NotifyShared *notify_shared;
 
+/*
+ * The search_path of the worker's session and of every function of the
+ * extension; user-registered queries run with NOTIFY_OWNER_SEARCH_PATH.
+ */
+#define NOTIFY_PINNED_SEARCH_PATH "pg_catalog, pg_temp"
+#define NOTIFY_OWNER_SEARCH_PATH "\"$user\", public"
+
 /* spi_util.c */
+extern int	notify_pin_search_path(void);
+extern void notify_unpin_search_path(int nest);
+extern int	notify_execute_as_owner(Oid owner, const char *what, const char *sql, int nargs,
+									Oid *types, Datum *values, bool read_only, long tcount);
+extern char *notify_clean_text(const char *src, size_t len, size_t maxlen);
 extern struct _SPI_plan *notify_keep_plan(const char *sql, int nargs, Oid *argtypes);
 extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char *nulls,
 							  bool read_only, long tcount, int expected, const char *what);
@@ -112,6 +124,7 @@ extern int	fanout_pending_events(int batch_size);
 #define SEND_CLAIM_SIZE 16
 extern int	send_due_messages(int batch_size, long *next_due_ms);
 extern void sender_shutdown(void);
+extern void sender_abandon_transfers(void);
 
 /* schedule.c */
 extern bool notify_cron_next(const char *text, TimestampTz after, TimestampTz *next);

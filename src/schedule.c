@@ -278,38 +278,24 @@ read_schedule(HeapTuple tup, TupleDesc desc)
 }
 
 /*
- * query_as_owner: the schedule's result as one jsonb array, computed with
- * its owner's rights (row-level security applies) and the search_path a
- * session of theirs would have.
+ * query_as_owner: the schedule's result as one jsonb array, computed as
+ * its owner (see notify_execute_as_owner: their rights, their session's
+ * search_path, and nothing the query sets survives it).
  */
 static Datum
 query_as_owner(ScheduleRow *s)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	Oid			save_userid;
-	int			save_sec;
-	int			nest;
 	int			ret;
 	bool		isnull;
 	Datum		result;
 	char	   *sql;
 
-	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->owner)))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("the role that owns schedule \"%s\" no longer exists", s->name),
-				 errhint("Create the schedule again as an existing role.")));
 	/* json, not jsonb: it keeps the columns in the query's order (a CSV's header) */
 	sql = psprintf("SELECT COALESCE(pg_catalog.json_agg(q), '[]'::json)"
 				   " FROM (%s\n) AS q", s->query);
-	nest = NewGUCNestLevel();
-	(void) set_config_option("search_path", "\"$user\", public", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(s->owner, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	ret = SPI_execute(sql, false, 0);
-	SetUserIdAndSecContext(save_userid, save_sec);
-	AtEOXact_GUC(true, nest);
+	ret = notify_execute_as_owner(s->owner, psprintf("schedule \"%s\"", s->name), sql, 0, NULL, NULL,
+								  false, 0);
 	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "query of schedule \"%s\" failed: %s", s->name, SPI_result_code_string(ret));

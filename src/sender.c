@@ -67,7 +67,7 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr expire_plan = NULL;
 static SPIPlanPtr channel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
-static SPIPlanPtr attempt_plan = NULL;
+#define RECORD_NARGS 12
 static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr attachments_plan = NULL;
 static SPIPlanPtr defer_plan = NULL;
@@ -79,10 +79,9 @@ prepare_plans(void)
 {
 	Oid			claim_t[4] = {INT4OID, INT4OID, INT4OID, INT4OID};
 	Oid			text_t[1] = {TEXTOID};
-	Oid			record_t[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID,
-	INT4ARRAYOID, INT4OID};
-	Oid			attempt_t[6] = {INT8ARRAYOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
-	INT4ARRAYOID, TEXTARRAYOID};
+	Oid			record_t[RECORD_NARGS] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+		FLOAT8ARRAYOID, INT4ARRAYOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID, TEXTARRAYOID, INT4OID};
 
 	/* the last one prepared: a failure half-way prepares again next time */
 	if (next_due_plan != NULL)
@@ -139,11 +138,13 @@ prepare_plans(void)
 
 	/*
 	 * The outcomes of a batch, one array element per message, recorded
-	 * with one UPDATE and one INSERT (a statement per message paid the
-	 * executor's start-up and the CHECK constraints' preparation each
-	 * time).  r.status is the new status; a retry goes back to the queue
-	 * after the backoff (r.delay seconds), unless attempts are spent ($7 =
-	 * max).
+	 * with one statement: the UPDATE of the messages and the INSERT of
+	 * their attempts (a statement per message paid the executor's start-up
+	 * and the CHECK constraints' preparation each time).  r.status is the
+	 * new status; a retry goes back to the queue after the backoff (r.delay
+	 * seconds), unless attempts are spent ($12 = max).  An attempt row is
+	 * written only for a message the UPDATE found still ours: one whose
+	 * lease ran out went back to the queue, and its next claim counts.
 	 *
 	 * "(status || '') = 'sending'" here and in defer_plan and renew_plan:
 	 * a plain "status = 'sending'" implies a partial index's predicate,
@@ -155,8 +156,14 @@ prepare_plans(void)
 	 * Written so, only the primary key can serve "id = $1".
 	 */
 	record_plan = notify_keep_plan(
-							"UPDATE notify.message m SET"
-							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $7 THEN 'dead'"
+							"WITH r AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+							"                pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5),"
+							"                pg_catalog.unnest($6), pg_catalog.unnest($7), pg_catalog.unnest($8),"
+							"                pg_catalog.unnest($9), pg_catalog.unnest($10), pg_catalog.unnest($11))"
+							"     AS r(id, status, error, response, delay, attempts, started, finished, outcome,"
+							"          code, attempt_response)),"
+							" u AS (UPDATE notify.message m SET"
+							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $12 THEN 'dead'"
 							"                WHEN r.status = 'retry' THEN 'queued' ELSE r.status END,"
 							"  sent_at = CASE WHEN r.status = 'sent' THEN pg_catalog.now() END,"
 							"  last_error = r.error, smtp_response = r.response,"
@@ -164,16 +171,13 @@ prepare_plans(void)
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
 							"      ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
-							"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
-							"                pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))"
-							"     AS r(id, status, error, response, delay, attempts) "
-							"WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts",
-							7, record_t);
-	attempt_plan = notify_keep_plan(
-							 "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
-							 " SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
-							 "                     pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))",
-							 6, attempt_t);
+							"  FROM r"
+							" WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts"
+							" RETURNING m.id) "
+							"INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
+							" SELECT r.id, r.started, r.finished, r.outcome, r.code, r.attempt_response"
+							"   FROM r JOIN u ON u.id = r.id",
+							RECORD_NARGS, record_t);
 	{
 		Oid			att_t[2] = {INT8OID, INT8OID};
 
@@ -202,6 +206,36 @@ prepare_plans(void)
 							  "SELECT pg_catalog.date_part('epoch', pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
 							  "  FROM notify.message m WHERE m.status = 'queued'",
 							  0, NULL);
+}
+
+/*
+ * sender_abandon_transfers: the worker's round failed (its transaction is
+ * aborted, its memory about to be reused): give up what is in flight.  The
+ * messages stay 'sending' under this worker's slot and are taken back by
+ * reclaim_orphans before the next round.
+ */
+void
+sender_abandon_transfers(void)
+{
+	smtp_pool_abandon(pool);
+}
+
+/* claimed_by_id: the claimed message with this id (a batch holds a few). */
+static ClaimedMessage *
+claimed_by_id(List *claimed, int64 id)
+{
+	ListCell   *lc;
+
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+
+		if (m->out.id == id)
+			return m;
+	}
+	elog(ERROR, "notify_ext: a transfer finished for message %lld, which this batch does not hold",
+		 (long long) id);
+	return NULL;
 }
 
 /* sender_shutdown: close every connection (worker exit, extension dropped). */
@@ -413,9 +447,8 @@ record_results(List *claimed)
 {
 	ListCell   *lc;
 	int			size = list_length(claimed);
-	ArrayArg	r[6];
-	ArrayArg	at[6];
-	Datum		args[7];
+	ArrayArg	r[RECORD_NARGS - 1];
+	Datum		args[RECORD_NARGS];
 	int			ret;
 
 	array_arg_init(&r[0], INT8OID, size);	/* id */
@@ -424,12 +457,11 @@ record_results(List *claimed)
 	array_arg_init(&r[3], TEXTOID, size);	/* response */
 	array_arg_init(&r[4], FLOAT8OID, size); /* delay */
 	array_arg_init(&r[5], INT4OID, size);	/* attempts */
-	array_arg_init(&at[0], INT8OID, size);	/* message_id */
-	array_arg_init(&at[1], TIMESTAMPTZOID, size);	/* started_at */
-	array_arg_init(&at[2], TIMESTAMPTZOID, size);	/* finished_at */
-	array_arg_init(&at[3], TEXTOID, size);	/* outcome */
-	array_arg_init(&at[4], INT4OID, size);	/* smtp_code */
-	array_arg_init(&at[5], TEXTOID, size);	/* response */
+	array_arg_init(&r[6], TIMESTAMPTZOID, size);	/* started_at */
+	array_arg_init(&r[7], TIMESTAMPTZOID, size);	/* finished_at */
+	array_arg_init(&r[8], TEXTOID, size);	/* outcome */
+	array_arg_init(&r[9], INT4OID, size);	/* smtp_code */
+	array_arg_init(&r[10], TEXTOID, size);	/* the attempt's response */
 
 	foreach(lc, claimed)
 	{
@@ -475,32 +507,28 @@ record_results(List *claimed)
 		array_arg_add_text(&r[3], m->result.response);
 		array_arg_add(&r[4], Float8GetDatum(retry_delay(m->attempts)), false);
 		array_arg_add(&r[5], Int32GetDatum(m->attempts), false);
-
-		array_arg_add(&at[0], Int64GetDatum(m->out.id), false);
-		array_arg_add(&at[1], TimestampTzGetDatum(m->started), false);
-		array_arg_add(&at[2], TimestampTzGetDatum(m->finished), false);
-		array_arg_add_text(&at[3], outcome);
-		array_arg_add(&at[4], Int32GetDatum(m->result.code), m->result.code <= 0);
+		array_arg_add(&r[6], TimestampTzGetDatum(m->started), false);
+		array_arg_add(&r[7], TimestampTzGetDatum(m->finished), false);
+		array_arg_add_text(&r[8], outcome);
+		array_arg_add(&r[9], Int32GetDatum(m->result.code), m->result.code <= 0);
 		/* what went wrong (it quotes the server) or, when all went well, the reply */
-		array_arg_add_text(&at[5], m->result.error[0] ? m->result.error : m->result.response);
+		array_arg_add_text(&r[10], m->result.error[0] ? m->result.error : m->result.response);
 	}
 	if (r[0].n == 0)
 		return;
 
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < RECORD_NARGS - 1; i++)
 		args[i] = array_arg_datum(&r[i]);
-	args[6] = Int32GetDatum(notify_max_attempts);
+	args[RECORD_NARGS - 1] = Int32GetDatum(notify_max_attempts);
 	ret = SPI_execute_plan(record_plan, args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE)
+	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not record the outcome of %d messages: %s",
 			 r[0].n, SPI_result_code_string(ret));
-
-	for (int i = 0; i < 6; i++)
-		args[i] = array_arg_datum(&at[i]);
-	ret = SPI_execute_plan(attempt_plan, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "could not record the attempts of %d messages: %s",
-			 r[0].n, SPI_result_code_string(ret));
+	if (SPI_processed != (uint64) r[0].n)
+		ereport(LOG,
+				(errmsg("notify_ext: the outcome of %d of %d messages was not recorded: they were no longer this worker's",
+						r[0].n - (int) SPI_processed, r[0].n),
+				 errdetail("Their lease ran out (notify.lease) while they were being sent, and they went back to the queue; the next claim sends them again.")));
 }
 
 /* load_attachments: the files of a claimed message, copied for use after commit. */
@@ -664,7 +692,7 @@ start_message(ClaimedMessage *m)
 		m->defer_until = until;
 	else if (m->hook != NULL)
 		webhook_send(m->hook, &m->out, &m->result);
-	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m))
+	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m->out.id))
 		return true;
 	m->finished = GetCurrentTimestamp();
 	m->tried = true;
@@ -729,7 +757,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 		next = list_head(claimed);
 		for (;;)
 		{
-			ClaimedMessage *done;
+			int64		done_id;
+			SendResult	done_result;
 
 			/* fill the free connections; a worker asked to stop starts nothing new */
 			while (next != NULL && !ProcDiePending && smtp_pool_active(pool) < 1)
@@ -743,9 +772,11 @@ send_due_messages(int batch_size, long *next_due_ms)
 			if (smtp_pool_active(pool) == 0 && (next == NULL || ProcDiePending))
 				break;
 
-			done = (ClaimedMessage *) smtp_pool_next_done(pool, 1000);
-			if (done != NULL)
+			if (smtp_pool_next_done(pool, 1000, &done_id, &done_result))
 			{
+				ClaimedMessage *done = claimed_by_id(claimed, done_id);
+
+				done->result = done_result;
 				done->finished = GetCurrentTimestamp();
 				done->tried = true;
 				unrecorded++;

@@ -17,6 +17,7 @@
 
 #include <curl/curl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <time.h>
 
 #include "common/pg_prng.h"
@@ -36,6 +37,7 @@
 /* transfers a pool may drive at once (the worker uses one) */
 #define SMTP_POOL_MAX 8
 #define SMTP_POOL_IDLE_CONNECTIONS 4L
+#define SMTP_CLIENT_SOCKETS 8
 
 /*
  * One libcurl handle and what one transfer on it needs.  The worker keeps
@@ -51,10 +53,16 @@ struct SmtpClient
 	StringInfo	transcript;		/* test_smtp: the dialogue, credentials hidden */
 	bool		in_auth;		/* between AUTH and its final reply */
 
-	/* the transfer in progress */
+	/*
+	 * The transfer in progress.  Everything it writes or reads lives here
+	 * or in the client's own contexts, never in the caller's memory: a
+	 * transfer abandoned when the worker's round failed must not write into
+	 * a context the next round reuses.
+	 */
 	bool		busy;
-	void	   *tag;
-	SendResult *result;
+	int64		tag;			/* the caller's name for the transfer (a message id) */
+	SendResult	result;
+	MemoryContext cfg_cxt;		/* the channel's settings, copied; reset per transfer */
 	MemoryContext message_cxt;	/* the message being sent; reset per transfer */
 	char	   *message;		/* headers and body, CRLF lines, as after DATA */
 	size_t		message_len;
@@ -64,6 +72,9 @@ struct SmtpClient
 	bool		body_done;		/* the server said 354: the data, then the final dot */
 	bool		reply_after_body;	/* the server answered the final dot */
 	curl_off_t	last_ul;
+	/* the sockets libcurl opened through this handle and has not closed */
+	curl_socket_t sockets[SMTP_CLIENT_SOCKETS];
+	int			nsockets;
 	TimestampTz last_activity;
 	TimestampTz body_done_at;
 };
@@ -188,6 +199,9 @@ record_transcript(SmtpClient *client, curl_infotype type, const char *data, size
 		n--;
 	if (n == 0)
 		return;
+	/* what the server says goes into a text value: valid, one line */
+	data = notify_clean_text(data, n, 1000);
+	n = strlen(data);
 	switch (type)
 	{
 		case CURLINFO_TEXT:
@@ -235,6 +249,39 @@ progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ulto
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }
 
+/*
+ * open_socket_cb, close_socket_cb: libcurl opens and closes its sockets
+ * through these, so that the client knows them.  A transfer given up before
+ * it ends (a deadline, the worker's round failing) has its connection shut
+ * down first: libcurl then sees it dead at once, where it would otherwise
+ * say QUIT and wait for the reply (up to notify.smtp_data_timeout) from a
+ * server that may never answer.
+ */
+static curl_socket_t
+open_socket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
+{
+	SmtpClient *client = (SmtpClient *) clientp;
+	curl_socket_t fd = socket(address->family, address->socktype, address->protocol);
+
+	if (fd != CURL_SOCKET_BAD && client->nsockets < SMTP_CLIENT_SOCKETS)
+		client->sockets[client->nsockets++] = fd;
+	return fd;
+}
+
+static int
+close_socket_cb(void *clientp, curl_socket_t fd)
+{
+	SmtpClient *client = (SmtpClient *) clientp;
+
+	for (int i = 0; i < client->nsockets; i++)
+		if (client->sockets[i] == fd)
+		{
+			client->sockets[i] = client->sockets[--client->nsockets];
+			break;
+		}
+	return close(fd);
+}
+
 /* client_create: a handle; it connects on its first transfer. */
 static SmtpClient *
 client_create(void)
@@ -251,6 +298,12 @@ client_create(void)
 	}
 	client->message_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP message",
 												ALLOCSET_DEFAULT_SIZES);
+	client->cfg_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP channel",
+											ALLOCSET_SMALL_SIZES);
+	curl_easy_setopt(client->curl, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
+	curl_easy_setopt(client->curl, CURLOPT_OPENSOCKETDATA, client);
+	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
+	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETDATA, client);
 	return client;
 }
 
@@ -266,6 +319,12 @@ client_destroy(SmtpClient *client)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
 	if (client->message_cxt)
 		MemoryContextDelete(client->message_cxt);
+	if (client->cfg_cxt)
+	{
+		if (!client->owns_cfg && client->cfg.password)
+			explicit_bzero(client->cfg.password, strlen(client->cfg.password));
+		MemoryContextDelete(client->cfg_cxt);
+	}
 	pfree(client);
 }
 
@@ -383,12 +442,27 @@ boundary_token(char *buf, size_t size, int64 message_id)
 	snprintf(buf, size, "%llx%08x", (long long) message_id, (unsigned) pg_prng_uint32(&pg_global_prng_state));
 }
 
+/*
+ * clean_result_text: a result's text as a text column can hold it (valid
+ * in the database's encoding, one line): a server's reply may be cut in
+ * the middle of a character, or not be UTF-8 at all.
+ */
+static void
+clean_result_text(char *buf, size_t size)
+{
+	char	   *clean = notify_clean_text(buf, strlen(buf), size - 1);
+
+	strlcpy(buf, clean, size);
+	pfree(clean);
+}
+
 /* fail_result: fill a result for a message that cannot be sent as it is. */
 static void
 fail_result(SendResult *result, SendOutcome outcome, const char *fmt, const char *detail)
 {
 	result->outcome = outcome;
 	snprintf(result->error, sizeof(result->error), fmt, detail);
+	clean_result_text(result->error, sizeof(result->error));
 }
 
 /*
@@ -397,8 +471,9 @@ fail_result(SendResult *result, SendOutcome outcome, const char *fmt, const char
  * false, with *result filled, when the message can never be sent as it is.
  */
 static bool
-prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, bool pooled)
+prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 {
+	SendResult *result = &client->result;
 	char		errbuf[256];
 	char		datebuf[64];
 	char		idbuf[320];
@@ -411,7 +486,6 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, SendResult *result, 
 	MemoryContext old;
 
 	memset(result, 0, sizeof(*result));
-	client->result = result;
 	client->last_reply[0] = '\0';
 	client->quitting = false;
 	client->curl_err[0] = '\0';
@@ -528,9 +602,9 @@ release_transfer(SmtpClient *client)
  * `why`, when given, overrides libcurl's own error text.
  */
 static void
-finish_transfer(SmtpClient *client, CURLcode res, const char *why)
+classify_transfer(SmtpClient *client, CURLcode res, const char *why)
 {
-	SendResult *result = client->result;
+	SendResult *result = &client->result;
 	long		code = 0;
 	const char *line = client->last_reply;
 	char		err[CURL_ERROR_SIZE + 64];
@@ -580,16 +654,27 @@ finish_transfer(SmtpClient *client, CURLcode res, const char *why)
 		result->outcome = SEND_RETRY;
 }
 
+/* finish_transfer: classify_transfer, then make the texts storable. */
+static void
+finish_transfer(SmtpClient *client, CURLcode res, const char *why)
+{
+	classify_transfer(client, res, why);
+	clean_result_text(client->result.response, sizeof(client->result.response));
+	clean_result_text(client->result.error, sizeof(client->result.error));
+}
+
 /* smtp_send_blocking: one message, start to end (test_smtp). */
 static void
 smtp_send_blocking(SmtpClient *client, const OutMessage *msg, SendResult *result)
 {
 	CURLcode	res;
 
-	if (!prepare_transfer(client, msg, result, false))
-		return;
-	res = curl_easy_perform(client->curl);
-	finish_transfer(client, res, NULL);
+	if (prepare_transfer(client, msg, false))
+	{
+		res = curl_easy_perform(client->curl);
+		finish_transfer(client, res, NULL);
+	}
+	*result = client->result;
 }
 
 /* smtp_pool_create: the worker's pool, in TopMemoryContext. */
@@ -615,18 +700,11 @@ smtp_pool_destroy(SmtpPool *pool)
 {
 	if (pool == NULL)
 		return;
-	for (int i = 0; i < pool->nclients; i++)
-	{
-		SmtpClient *client = pool->clients[i];
-
-		if (client->busy)
-		{
-			curl_multi_remove_handle(pool->multi, client->curl);
-			release_transfer(client);
-		}
-		client_destroy(client);
-	}
+	smtp_pool_abandon(pool);
+	/* first: closing the cached connections calls back into their clients */
 	curl_multi_cleanup(pool->multi);
+	for (int i = 0; i < pool->nclients; i++)
+		client_destroy(pool->clients[i]);
 	pfree(pool);
 }
 
@@ -637,14 +715,29 @@ smtp_pool_active(const SmtpPool *pool)
 	return pool->active;
 }
 
+/* copy_config: the channel's settings, copied into cxt for one transfer. */
+static void
+copy_config(SmtpConfig *dst, const SmtpConfig *src, MemoryContext cxt)
+{
+#define COPY_STR(f) (dst->f = src->f ? MemoryContextStrdup(cxt, src->f) : NULL)
+	COPY_STR(name);
+	COPY_STR(url);
+	COPY_STR(from_address);
+	COPY_STR(username);
+	COPY_STR(password);
+	COPY_STR(tls);
+#undef COPY_STR
+	dst->rate_per_minute = src->rate_per_minute;
+}
+
 /*
- * smtp_pool_start: put a message in flight.  cfg and msg must stay valid
- * until the transfer is returned by smtp_pool_next_done.  Returns false
- * when the message failed before any network exchange (*result filled).
+ * smtp_pool_start: put a message in flight, known to the caller as `tag`.
+ * Nothing of cfg or msg is kept: they are copied.  Returns false when the
+ * message failed before any network exchange (*result filled).
  */
 bool
 smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
-				SendResult *result, void *tag)
+				SendResult *result, int64 tag)
 {
 	SmtpClient *client = NULL;
 	CURLMcode	mc;
@@ -662,19 +755,26 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 		client = client_create();
 		pool->clients[pool->nclients++] = client;
 	}
-	/* the channel's settings, valid for this transfer */
-	client->cfg = *cfg;
+	/* the channel's settings, copied for this transfer (the last copy's secret wiped) */
+	if (client->cfg.password)
+		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
+	MemoryContextReset(client->cfg_cxt);
+	copy_config(&client->cfg, cfg, client->cfg_cxt);
 	client->owns_cfg = false;
 	client->tag = tag;
-	if (!prepare_transfer(client, msg, result, true))
+	if (!prepare_transfer(client, msg, true))
+	{
+		*result = client->result;
 		return false;
+	}
 	/* idle connections kept open: one per channel, for a few channels */
 	curl_multi_setopt(pool->multi, CURLMOPT_MAXCONNECTS, (long) SMTP_POOL_IDLE_CONNECTIONS);
 	mc = curl_multi_add_handle(pool->multi, client->curl);
 	if (mc != CURLM_OK)
 	{
 		release_transfer(client);
-		fail_result(result, SEND_RETRY, "libcurl: %s", curl_multi_strerror(mc));
+		fail_result(&client->result, SEND_RETRY, "libcurl: %s", curl_multi_strerror(mc));
+		*result = client->result;
 		return false;
 	}
 	client->busy = true;
@@ -691,17 +791,19 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
  * next message's MAIL FROM.  A connection in an unknown state is never
  * reused; libcurl sees it dead and opens a new one.
  */
+/* shutdown_connection: the client's connections, shut down (their state is unknown). */
+static void
+shutdown_connection(SmtpClient *client)
+{
+	for (int i = 0; i < client->nsockets; i++)
+		shutdown(client->sockets[i], SHUT_RDWR);
+}
+
 static void
 pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why)
 {
 	if (res != CURLE_OK)
-	{
-		curl_socket_t fd = CURL_SOCKET_BAD;
-
-		if (curl_easy_getinfo(client->curl, CURLINFO_ACTIVESOCKET, &fd) == CURLE_OK &&
-			fd != CURL_SOCKET_BAD)
-			shutdown(fd, SHUT_RDWR);
-	}
+		shutdown_connection(client);
 	curl_multi_remove_handle(pool->multi, client->curl);
 	finish_transfer(client, res, why);
 	client->busy = false;
@@ -746,12 +848,39 @@ pool_check_deadlines(SmtpPool *pool)
 }
 
 /*
- * smtp_pool_next_done: drive the transfers for at most timeout_ms; return
- * the tag of one finished transfer (its result filled), or NULL when none
+ * smtp_pool_abandon: give up every transfer in flight, and forget the
+ * finished ones not yet collected: the worker's round failed, its claims
+ * go back to the queue, and nothing of this pool may refer to them again.
+ * The connections are shut down (their state is unknown); libcurl opens
+ * new ones for the next messages.
+ */
+void
+smtp_pool_abandon(SmtpPool *pool)
+{
+	if (pool == NULL)
+		return;
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *client = pool->clients[i];
+
+		if (!client->busy)
+			continue;
+		shutdown_connection(client);
+		curl_multi_remove_handle(pool->multi, client->curl);
+		release_transfer(client);
+		client->busy = false;
+	}
+	pool->active = 0;
+	pool->ndone = 0;
+}
+
+/*
+ * smtp_pool_next_done: drive the transfers for at most timeout_ms; true
+ * with the tag and result of one finished transfer, false when none
  * finished in time or none is in flight.
  */
-void *
-smtp_pool_next_done(SmtpPool *pool, long timeout_ms)
+bool
+smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *result)
 {
 	TimestampTz start = GetCurrentTimestamp();
 
@@ -763,9 +892,15 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms)
 		long		elapsed;
 
 		if (pool->ndone > 0)
-			return pool->done[--pool->ndone]->tag;
+		{
+			SmtpClient *done = pool->done[--pool->ndone];
+
+			*tag = done->tag;
+			*result = done->result;
+			return true;
+		}
 		if (pool->active == 0)
-			return NULL;
+			return false;
 
 		curl_multi_perform(pool->multi, &running);
 		while ((msg = curl_multi_info_read(pool->multi, &left)) != NULL)
@@ -785,7 +920,7 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms)
 
 		elapsed = (long) ((GetCurrentTimestamp() - start) / 1000);
 		if (elapsed >= timeout_ms)
-			return NULL;
+			return false;
 		/* short waits: a SIGTERM is noticed by progress_cb at the next perform */
 		curl_multi_poll(pool->multi, NULL, 0, (int) Min(timeout_ms - elapsed, 100L), NULL);
 	}

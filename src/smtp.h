@@ -73,8 +73,9 @@ extern SmtpPool *smtp_pool_create(void);
 extern void smtp_pool_destroy(SmtpPool *pool);
 extern int	smtp_pool_active(const SmtpPool *pool);
 extern bool smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
-							SendResult *result, void *tag);
-extern void *smtp_pool_next_done(SmtpPool *pool, long timeout_ms);
+							SendResult *result, int64 tag);
+extern bool smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *result);
+extern void smtp_pool_abandon(SmtpPool *pool);
 extern char *smtp_test_connection(const SmtpConfig *cfg, const char *send_to);
 
 #endif							/* NOTIFY_SMTP_H */

@@ -8,18 +8,139 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "storage/lmgr.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "executor/spi.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "notify_ext.h"
+
+/*
+ * notify_pin_search_path: from here to notify_unpin_search_path(nest), the
+ * search_path is NOTIFY_PINNED_SEARCH_PATH, whatever the session had.  For
+ * the C functions that run SQL in a caller's session without a SET clause
+ * of their own (the capture trigger's fallback, emit): a caller whose path
+ * starts with a schema another role can write must never run that role's
+ * operators through them (CVE-2018-1058).  The plan cache re-analyses a
+ * kept plan under whatever path is current, so pinning when the plan is
+ * made is not enough: it is pinned whenever one runs.
+ */
+int
+notify_pin_search_path(void)
+{
+	int			nest = NewGUCNestLevel();
+
+	(void) set_config_option("search_path", NOTIFY_PINNED_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return nest;
+}
+
+/* notify_unpin_search_path: the caller's search_path (and every setting) back. */
+void
+notify_unpin_search_path(int nest)
+{
+	AtEOXact_GUC(false, nest);
+}
+
+/*
+ * notify_execute_as_owner: run a query a user registered (a rule's context
+ * or attachments query, a directory, a schedule) as that user, and only
+ * that: with their rights (row-level security applies), in a restricted
+ * security context (no SET ROLE, no temporary objects), with the search
+ * path a session of theirs starts with ("$user", public), and inside a GUC
+ * nest level of its own that is closed as aborted, whatever happened: a
+ * set_config() or SET in the query (search_path, application_name, any
+ * setting) ends with the query.  This is what PostgreSQL does for index
+ * builds and REFRESH MATERIALIZED VIEW; without the nest level a
+ * notify_admin member could leave a search_path in the worker's superuser
+ * session that runs their operators in the worker's own statements.  On an
+ * error the (sub)transaction's abort restores the user and the settings.
+ */
+int
+notify_execute_as_owner(Oid owner, const char *what, const char *sql, int nargs, Oid *types,
+						Datum *values, bool read_only, long tcount)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			nest;
+	int			ret;
+	MemoryContext caller = CurrentMemoryContext;
+
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("the role that owns %s no longer exists", what),
+				 errhint("Create it again as an existing role, so that its query has someone's rights to run with.")));
+	nest = NewGUCNestLevel();
+	(void) set_config_option("search_path", NOTIFY_OWNER_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	ret = SPI_execute_with_args(sql, nargs, types, values, NULL, read_only, tcount);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	AtEOXact_GUC(false, nest);
+	MemoryContextSwitchTo(caller);
+	return ret;
+}
+
+/*
+ * notify_clean_text: a copy of what a server or a network library said
+ * (len bytes, not necessarily terminated) that a text column can hold: at
+ * most maxlen bytes, cut at a character's boundary, one line (CR, LF and
+ * other control characters become spaces), and valid in the database's
+ * encoding (a byte that does not start a valid character becomes '?').
+ * SMTP replies and libcurl's errors are not guaranteed to be any of that.
+ */
+char *
+notify_clean_text(const char *src, size_t len, size_t maxlen)
+{
+	int			enc = GetDatabaseEncoding();
+	char	   *dst = palloc(Min(len, maxlen) + 1);
+	size_t		i = 0;
+	size_t		o = 0;
+
+	while (i < len && src[i] != '\0')
+	{
+		unsigned char c = (unsigned char) src[i];
+		int			l;
+
+		if (c < 0x80)
+		{
+			if (o + 1 > maxlen)
+				break;
+			dst[o++] = (c < 0x20 || c == 0x7f) ? ' ' : (char) c;
+			i++;
+			continue;
+		}
+		l = pg_encoding_verifymbchar(enc, src + i, (int) (len - i));
+		if (l <= 0)
+		{
+			if (o + 1 > maxlen)
+				break;
+			dst[o++] = '?';
+			i++;
+			continue;
+		}
+		if (o + l > maxlen)
+			break;
+		memcpy(dst + o, src + i, l);
+		o += l;
+		i += l;
+	}
+	dst[o] = '\0';
+	return dst;
+}
 
 /*
  * notify_keep_plan: prepare a statement once for the life of the backend.

@@ -30,7 +30,9 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "utils/guc.h"
 #include "utils/wait_event.h"
 
 #include "notify_ext.h"
@@ -262,10 +264,20 @@ reclaim_orphans(void)
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: reclaiming messages");
-	ret = SPI_execute_with_args("UPDATE notify.message SET status = 'queued', lease_until = NULL, "
-								"next_attempt_at = pg_catalog.now() WHERE status = 'sending' AND claimed_by = $1",
+	/*
+	 * Each is an attempt whose outcome nobody recorded: the log says so
+	 * (the server may have the message; the next one has the same
+	 * Message-ID).
+	 */
+	ret = SPI_execute_with_args("WITH t AS (UPDATE notify.message SET status = 'queued', lease_until = NULL, "
+								"next_attempt_at = pg_catalog.now() WHERE status = 'sending' AND claimed_by = $1 "
+								"RETURNING id) "
+								"INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, response) "
+								"SELECT t.id, pg_catalog.now(), pg_catalog.now(), 'unknown', "
+								"'taken back: the worker sending it stopped, or its round failed, before the outcome "
+								"was recorded; it is sent again, with the same Message-ID' FROM t",
 								1, &argtype, &arg, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE)
+	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not reclaim messages: %s", SPI_result_code_string(ret));
 	if (SPI_processed > 0)
 		ereport(LOG,
@@ -275,6 +287,27 @@ reclaim_orphans(void)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * pin_search_path: the worker's session is a superuser's, and its own
+ * statements are planned under its search_path: nothing but pg_catalog
+ * (and pg_temp, last) may ever be on it.  Set at start (a per-database or
+ * per-role setting may have put anything there) and checked before every
+ * round: the queries users register run inside GUC nest levels of their
+ * own and cannot change it, so a change means a bug; it is logged and
+ * undone before any statement of ours runs.
+ */
+static void
+pin_search_path(bool at_start)
+{
+	if (!at_start && strcmp(namespace_search_path, NOTIFY_PINNED_SEARCH_PATH) == 0)
+		return;
+	if (!at_start)
+		ereport(WARNING,
+				(errmsg("notify_ext: the worker's search_path had become \"%s\"; it is set back to \"%s\"",
+						namespace_search_path, NOTIFY_PINNED_SEARCH_PATH)));
+	SetConfigOption("search_path", NOTIFY_PINNED_SEARCH_PATH, PGC_SUSET, PGC_S_SESSION);
 }
 
 /* fanout_round: one fan-out transaction; returns events processed. */
@@ -385,6 +418,7 @@ run_rounds(void)
 		long		next_schedule = -1;
 
 		CHECK_FOR_INTERRUPTS();
+		pin_search_path(false);
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
 		listen_for_commits();
@@ -432,7 +466,9 @@ notify_worker_main(Datum main_arg)
 
 	notify_worker_slot = DatumGetInt32(main_arg);
 	BackgroundWorkerInitializeConnection(notify_database, NULL, 0);
-	pgstat_report_appname("notify_ext worker");
+	/* a setting, not only what pg_stat_activity shows: a nest level restores it */
+	SetConfigOption("application_name", "notify_ext worker", PGC_USERSET, PGC_S_SESSION);
+	pin_search_path(true);
 
 	publish_worker();
 	keep_freed_memory();
@@ -526,6 +562,13 @@ notify_worker_main(Datum main_arg)
 			edata = CopyErrorData();
 			conflict = concurrency_conflict(edata);
 			FlushErrorState();
+
+			/*
+			 * What is in flight is given up first: its claim is rolled back or
+			 * about to be taken back (reclaim_orphans), and the round's memory,
+			 * where its batch lived, is reset by the next round.
+			 */
+			sender_abandon_transfers();
 			AbortCurrentTransaction();
 
 			/*

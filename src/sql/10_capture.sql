@@ -17,6 +17,10 @@ CREATE FUNCTION notify.emit(event_type text, payload jsonb, actor text DEFAULT N
  * It runs with the caller's rights, so creating the trigger needs the
  * TRIGGER privilege on the table, as it would by hand.
  */
+-- Raises unless condition is exactly one SQL expression (see watch).
+CREATE FUNCTION notify._check_condition(condition text) RETURNS void
+    LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_check_condition';
+
 CREATE FUNCTION notify.watch(tbl regclass, event_type text, ops text[] DEFAULT '{INSERT}',
                              condition text DEFAULT NULL, actor_column name DEFAULT NULL,
                              actor_prefix text DEFAULT NULL)
@@ -62,6 +66,9 @@ BEGIN
         RAISE EXCEPTION 'table % has no column %', tbl, pg_catalog.quote_ident(actor_column)
             USING ERRCODE = 'undefined_column';
     END IF;
+    IF condition IS NOT NULL THEN
+        PERFORM notify._check_condition(condition);
+    END IF;
     IF actor_prefix IS NOT NULL AND actor_prefix !~ '^[^:\s]+$' THEN
         RAISE EXCEPTION 'invalid actor prefix %', pg_catalog.quote_literal(actor_prefix)
             USING ERRCODE = 'invalid_parameter_value',
@@ -83,7 +90,8 @@ BEGIN
         EXECUTE pg_catalog.format(
             'CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION notify.capture(%L, %L, %L)',
             trg, op, tbl,
-            CASE WHEN condition IS NULL THEN '' ELSE 'WHEN (' || condition || ')' END,
+            -- one expression (checked above), its closing parenthesis on a line of its own
+            CASE WHEN condition IS NULL THEN '' ELSE 'WHEN (' || condition || E'\n)' END,
             event_type, coalesce(actor_column, ''), coalesce(actor_prefix, ''));
         trgs := trgs || trg;
     END LOOP;

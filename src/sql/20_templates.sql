@@ -67,4 +67,4 @@ $$;
 
 CREATE FUNCTION notify.render(template text, context jsonb, locale text DEFAULT NULL)
     RETURNS TABLE (subject text, text_body text, html_body text)
-    LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'notify_render';
+    LANGUAGE c STABLE SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_render';

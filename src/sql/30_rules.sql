@@ -94,6 +94,10 @@ BEGIN
 END
 $$;
 
+-- The types of the columns a user's query returns, parsed (not run) as the worker runs it.
+CREATE FUNCTION notify._query_columns(query text, argtype regtype) RETURNS regtype[]
+    LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_query_columns';
+
 CREATE FUNCTION notify.create_rule(name text, event_type text, template text, recipients text[],
                                    channel text DEFAULT 'email',
                                    context_query text DEFAULT NULL,
@@ -104,8 +108,9 @@ CREATE FUNCTION notify.create_rule(name text, event_type text, template text, re
     RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    spec   text;
-    new_id bigint;
+    spec      text;
+    new_id    bigint;
+    att_types regtype[];
 BEGIN
     IF name IS NULL OR pg_catalog.btrim(name) = '' THEN
         RAISE EXCEPTION 'rule name must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -158,16 +163,25 @@ BEGIN
                   HINT = 'A plain file name such as ''report.csv'': no path, no control characters, at most 200 characters.';
     END IF;
     IF attachments_query IS NOT NULL THEN
+        -- read by position, whatever the columns are called: (filename, content_type, content)
         BEGIN
+            att_types := notify._query_columns(attachments_query, 'jsonb');
             PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
-            EXECUTE 'SELECT q.filename::text, q.content_type::text, q.content::bytea FROM ('
-                    || attachments_query || E'\n) AS q LIMIT 0' USING NULL::jsonb;
+            EXECUTE 'SELECT * FROM (' || attachments_query || E'\n) AS q LIMIT 0' USING NULL::jsonb;
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'attachments_query of rule % is invalid: %', pg_catalog.quote_literal(name), SQLERRM
                 USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'It must return the columns filename, content_type and content (bytea), with $1 the event''s context (jsonb).';
+                      HINT = 'It must return three columns, filename, content_type and content (bytea), in that order, with $1 the event''s context (jsonb).';
         END;
+        IF pg_catalog.cardinality(att_types) OPERATOR(pg_catalog.<>) 3
+           OR att_types[3] OPERATOR(pg_catalog.<>) 'bytea'::regtype THEN
+            RAISE EXCEPTION 'attachments_query of rule % must return three columns: filename, content_type and content (bytea)',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = pg_catalog.format('It returns %s.', att_types::text),
+                      HINT = 'Columns are read by position, whatever they are called, e.g. SELECT name, ''application/pdf'', pdf FROM ...';
+        END IF;
     END IF;
     IF context_query IS NOT NULL AND pg_catalog.btrim(context_query) = '' THEN
         RAISE EXCEPTION 'context_query of rule % is empty', pg_catalog.quote_literal(name)

@@ -315,13 +315,13 @@ $$;
 -- directories: recipient keys resolved live from the ERP's own tables
 --
 /*
- * Not pinned to search_path = pg_catalog like the others: the query is checked
- * with the caller's search_path, the one its unqualified names were written
- * for (users_table, not public.users_table). Everything here is qualified, and
- * the function runs with the caller's rights: nothing to hijack.
+ * The query is checked now, parsed and planned (not run), as the worker
+ * will run it: with the caller's rights (the row's owner) and the
+ * search_path the caller's own sessions start with ("$user", public),
+ * switched for that check only; everything else here runs pinned.
  */
 CREATE FUNCTION notify.add_directory(prefix text, query text) RETURNS void
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q   text;
     cur refcursor;
@@ -333,7 +333,7 @@ BEGIN
     END IF;
     -- a trailing semicolon is a habit, not an error
     q := pg_catalog.regexp_replace(query, '[\s;]+$', '');
-    IF q IS NULL OR q = '' THEN
+    IF q IS NULL OR q OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'directory query for prefix % is empty', notify._quoted(prefix)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -344,10 +344,12 @@ BEGIN
     -- checked now, with the rights it will run with (the caller's): parsed and planned,
     -- not run; one query only (a cursor cannot hold several), returning the four columns
     BEGIN
+        PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
         OPEN cur FOR EXECUTE
             'SELECT q.email::text, q.display_name::text, q.phone::text, q.locale::text FROM ('
             || q || E'\n) AS q LIMIT 0' USING NULL::text;
         CLOSE cur;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'directory query for prefix % is invalid: %', notify._quoted(prefix), SQLERRM
             USING ERRCODE = 'invalid_parameter_value',

@@ -1,0 +1,256 @@
+-- notify_ext 0.2 -> 0.3.  Run by ALTER EXTENSION notify_ext UPDATE.
+\echo Use "ALTER EXTENSION notify_ext UPDATE" to load this file. \quit
+
+--
+-- Security (0.3): every function safe under a hostile search_path; user
+-- queries parsed as the worker runs them; watch() conditions are one
+-- expression; attachments read by position.
+--
+CREATE OR REPLACE FUNCTION notify._check_condition(condition text) RETURNS void
+    LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_check_condition';
+
+CREATE OR REPLACE FUNCTION notify.watch(tbl regclass, event_type text, ops text[] DEFAULT '{INSERT}',
+                             condition text DEFAULT NULL, actor_column name DEFAULT NULL,
+                             actor_prefix text DEFAULT NULL)
+    RETURNS text
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w_id     bigint;
+    op       text;
+    trg      name;
+    trgs     name[] := '{}';
+    norm_ops text[] := '{}';
+    slug     text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'notify.watch: the table must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF event_type IS NULL OR event_type !~ '^[A-Za-z0-9_.:-]+$' THEN
+        RAISE EXCEPTION 'invalid event type %', coalesce(pg_catalog.quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use letters, digits and _ . : - only, e.g. ''order.created''.';
+    END IF;
+    IF ops IS NULL OR pg_catalog.cardinality(ops) = 0 THEN
+        RAISE EXCEPTION 'notify.watch needs at least one operation'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass ops => ''{INSERT,UPDATE,DELETE}'' or a subset.';
+    END IF;
+    FOREACH op IN ARRAY ops LOOP
+        op := pg_catalog.upper(pg_catalog.btrim(op));
+        IF op NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
+            RAISE EXCEPTION 'invalid operation % in ops', pg_catalog.quote_literal(op)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'ops may contain INSERT, UPDATE and DELETE.';
+        END IF;
+        IF NOT op = ANY (norm_ops) THEN
+            norm_ops := norm_ops || op;
+        END IF;
+    END LOOP;
+    IF actor_column IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = tbl AND a.attname = actor_column
+               AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'table % has no column %', tbl, pg_catalog.quote_ident(actor_column)
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF condition IS NOT NULL THEN
+        PERFORM notify._check_condition(condition);
+    END IF;
+    IF actor_prefix IS NOT NULL AND actor_prefix !~ '^[^:\s]+$' THEN
+        RAISE EXCEPTION 'invalid actor prefix %', pg_catalog.quote_literal(actor_prefix)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A prefix is what stands before the first colon of a recipient key, e.g. ''seller''.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM notify.watch w WHERE w.tbl = watch.tbl AND w.event_type = watch.event_type) THEN
+        RAISE EXCEPTION 'table % is already watched for event type %', tbl, pg_catalog.quote_literal(event_type)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Call notify.unwatch first to change the watch.';
+    END IF;
+
+    INSERT INTO notify.watch (tbl, event_type, ops, condition, actor_column, actor_prefix, triggers)
+    VALUES (tbl, event_type, norm_ops, condition, actor_column, actor_prefix, '{}')
+    RETURNING id INTO w_id;
+
+    slug := pg_catalog.left(pg_catalog.regexp_replace(pg_catalog.lower(event_type), '[^a-z0-9]+', '_', 'g'), 40);
+    FOREACH op IN ARRAY norm_ops LOOP
+        trg := pg_catalog.format('notify_%s_%s_%s', w_id, pg_catalog.lower(pg_catalog.left(op, 3)), slug);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION notify.capture(%L, %L, %L)',
+            trg, op, tbl,
+            -- one expression (checked above), its closing parenthesis on a line of its own
+            CASE WHEN condition IS NULL THEN '' ELSE 'WHEN (' || condition || E'\n)' END,
+            event_type, coalesce(actor_column, ''), coalesce(actor_prefix, ''));
+        trgs := trgs || trg;
+    END LOOP;
+    UPDATE notify.watch SET triggers = trgs WHERE id = w_id;
+    RETURN pg_catalog.array_to_string(trgs, ', ');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION notify.add_directory(prefix text, query text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q   text;
+    cur refcursor;
+BEGIN
+    IF prefix IS NULL OR prefix !~ '^[^:\s]+$' THEN
+        RAISE EXCEPTION 'invalid directory prefix %', notify._quoted(prefix)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A prefix is what stands before the first colon of a recipient key, e.g. ''customer''.';
+    END IF;
+    -- a trailing semicolon is a habit, not an error
+    q := pg_catalog.regexp_replace(query, '[\s;]+$', '');
+    IF q IS NULL OR q OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'directory query for prefix % is empty', notify._quoted(prefix)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- ... but a line comment at the end would swallow whatever follows the query
+    IF pg_catalog.strpos(pg_catalog.regexp_replace(q, '^.*\n', ''), '--') > 0 THEN
+        q := q || E'\n';
+    END IF;
+    -- checked now, with the rights it will run with (the caller's): parsed and planned,
+    -- not run; one query only (a cursor cannot hold several), returning the four columns
+    BEGIN
+        PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
+        OPEN cur FOR EXECUTE
+            'SELECT q.email::text, q.display_name::text, q.phone::text, q.locale::text FROM ('
+            || q || E'\n) AS q LIMIT 0' USING NULL::text;
+        CLOSE cur;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'directory query for prefix % is invalid: %', notify._quoted(prefix), SQLERRM
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'It must be one query returning the columns email, display_name, phone and locale '
+                         || 'for the key''s id, given as $1 (text), e.g. ... WHERE id = $1::int.';
+    END;
+    INSERT INTO notify.directory AS d (prefix, query)
+    VALUES (add_directory.prefix, q)
+    ON CONFLICT ON CONSTRAINT directory_pkey DO UPDATE SET query = EXCLUDED.query;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION notify._query_columns(query text, argtype regtype) RETURNS regtype[]
+    LANGUAGE c STRICT SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_query_columns';
+
+CREATE OR REPLACE FUNCTION notify.create_rule(name text, event_type text, template text, recipients text[],
+                                   channel text DEFAULT 'email',
+                                   context_query text DEFAULT NULL,
+                                   attachments_query text DEFAULT NULL,
+                                   attach_rows_csv text DEFAULT NULL,
+                                   default_mode text DEFAULT 'immediate',
+                                   digest_schedule text DEFAULT '0 8 * * *')
+    RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    spec      text;
+    new_id    bigint;
+    att_types regtype[];
+BEGIN
+    IF name IS NULL OR pg_catalog.btrim(name) = '' THEN
+        RAISE EXCEPTION 'rule name must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM notify.rule r WHERE r.name = create_rule.name) THEN
+        RAISE EXCEPTION 'rule % already exists', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'duplicate_object', HINT = 'Drop it first with notify.drop_rule.';
+    END IF;
+    IF event_type IS NULL OR event_type !~ '^[A-Za-z0-9_.:-]+$' THEN
+        RAISE EXCEPTION 'invalid event type % in rule %', coalesce(pg_catalog.quote_literal(event_type), 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM notify.template t WHERE t.name = create_rule.template) THEN
+        RAISE EXCEPTION 'template % does not exist (rule %)', coalesce(pg_catalog.quote_literal(template), 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'undefined_object', HINT = 'Create it first with notify.set_template.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = create_rule.channel) THEN
+        RAISE EXCEPTION 'channel % does not exist (rule %)', coalesce(pg_catalog.quote_literal(channel), 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'undefined_object', HINT = 'Configure it first with notify.set_smtp or notify.set_webhook.';
+    END IF;
+    IF recipients IS NULL OR pg_catalog.cardinality(recipients) = 0 THEN
+        RAISE EXCEPTION 'rule % has no recipients', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH spec IN ARRAY recipients LOOP
+        PERFORM notify._check_spec(spec);
+    END LOOP;
+    IF default_mode IS NULL OR default_mode NOT IN ('immediate', 'digest', 'off') THEN
+        RAISE EXCEPTION 'invalid default_mode % for rule %', coalesce(pg_catalog.quote_literal(default_mode), 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use ''immediate'', ''digest'' or ''off''.';
+    END IF;
+    BEGIN
+        PERFORM notify._cron_check(coalesce(digest_schedule, ''));
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'invalid digest_schedule % for rule %: %', coalesce(pg_catalog.quote_literal(digest_schedule), 'NULL'),
+              pg_catalog.quote_literal(name), SQLERRM
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A cron expression: ''0 8 * * *'' sends each day''s digest at 08:00.';
+    END;
+    IF attach_rows_csv IS NOT NULL AND (pg_catalog.btrim(attach_rows_csv) = ''
+            OR attach_rows_csv ~ '[[:cntrl:]/\\]' OR pg_catalog.length(attach_rows_csv) > 200) THEN
+        RAISE EXCEPTION 'invalid attach_rows_csv file name % for rule %', pg_catalog.quote_literal(attach_rows_csv),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A plain file name such as ''report.csv'': no path, no control characters, at most 200 characters.';
+    END IF;
+    IF attachments_query IS NOT NULL THEN
+        -- read by position, whatever the columns are called: (filename, content_type, content)
+        BEGIN
+            att_types := notify._query_columns(attachments_query, 'jsonb');
+            PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
+            EXECUTE 'SELECT * FROM (' || attachments_query || E'\n) AS q LIMIT 0' USING NULL::jsonb;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'attachments_query of rule % is invalid: %', pg_catalog.quote_literal(name), SQLERRM
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'It must return three columns, filename, content_type and content (bytea), in that order, with $1 the event''s context (jsonb).';
+        END;
+        IF pg_catalog.cardinality(att_types) OPERATOR(pg_catalog.<>) 3
+           OR att_types[3] OPERATOR(pg_catalog.<>) 'bytea'::regtype THEN
+            RAISE EXCEPTION 'attachments_query of rule % must return three columns: filename, content_type and content (bytea)',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = pg_catalog.format('It returns %s.', att_types::text),
+                      HINT = 'Columns are read by position, whatever they are called, e.g. SELECT name, ''application/pdf'', pdf FROM ...';
+        END IF;
+    END IF;
+    IF context_query IS NOT NULL AND pg_catalog.btrim(context_query) = '' THEN
+        RAISE EXCEPTION 'context_query of rule % is empty', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass NULL for no context query, or a query returning one jsonb from $1, the event''s context.';
+    END IF;
+    IF context_query IS NOT NULL THEN
+        -- checked now, with the rights it will run with (the caller's): a typo or a
+        -- missing privilege is an error for whoever writes the rule
+        BEGIN
+            -- the search_path the worker runs it with (this function's own is pinned)
+            PERFORM pg_catalog.set_config('search_path', '"$user", public', true);
+            EXECUTE 'SELECT * FROM (' || context_query || ') AS q LIMIT 0' USING NULL::jsonb;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'context_query of rule % is invalid: %', pg_catalog.quote_literal(name), SQLERRM
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'It must be a query returning one jsonb, with $1 the event''s context (jsonb).';
+        END;
+    END IF;
+    INSERT INTO notify.rule (name, event_type, template, recipients, channel, context_query,
+                             attachments_query, attach_rows_csv, default_mode, digest_schedule)
+    VALUES (create_rule.name, create_rule.event_type, create_rule.template, create_rule.recipients,
+            create_rule.channel, create_rule.context_query, create_rule.attachments_query,
+            create_rule.attach_rows_csv, create_rule.default_mode, create_rule.digest_schedule)
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END
+$$;
+
+ALTER FUNCTION notify.explain(text, jsonb, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION notify.render(text, jsonb, text) SET search_path = pg_catalog, pg_temp;
+
+-- rights, as a fresh install has them (new functions included)
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
+REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;
