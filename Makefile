@@ -4,6 +4,8 @@
 #                                and notify.database = contrib_regression; see test/run)
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
 #   make bench                   the benchmarks in test/bench (install the extension first; ~8 min)
+#   make installcheck-debian     the README's install and first rule, as written, on a new Debian
+#                                cluster (test/install_debian; root; runs make install; ~20 s)
 
 EXTENSION = notify_ext
 EXTVERSION = 0.3
@@ -54,3 +56,7 @@ unitcheck:
 .PHONY: bench
 bench:
 	test/bench/run
+
+.PHONY: installcheck-debian
+installcheck-debian:
+	test/install_debian

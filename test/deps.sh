@@ -2,7 +2,7 @@
 # Installs, from Debian's packages, whatever the build, the demo and the tests
 # need and is missing. Sourced by test/run and test/demo.
 notify_ext_install_deps() {
-    local pkgs=(make gcc postgresql-15 postgresql-server-dev-15 postgresql-common
+    local pkgs=(make gcc git postgresql-15 postgresql-server-dev-15 postgresql-common
                 libcurl4-openssl-dev python3-pytest python3-psycopg python3-aiosmtpd "$@")
     local missing=()
     for p in "${pkgs[@]}"; do
