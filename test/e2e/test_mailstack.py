@@ -122,6 +122,8 @@ def test_temporary_refusal_bounces_after_queue_lifetime(mail_stack):
     [queued] = [m for m in ms.postfix.queue() if m["queue_id"] == qid]
     assert queued["queue_name"] in ("deferred", "active")
     assert "450 4.2.1" in queued["recipients"][0]["delay_reason"]
+    assert qid in ms.postfix.queue_ids()
+    assert "later@dest.test" in ms.postfix.mailq()
 
     with Postfix(ms.final.port, dovecot=ms.dovecot, maximal_queue_lifetime=0,
                  bounce_queue_lifetime=0) as quick:
