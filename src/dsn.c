@@ -1426,6 +1426,48 @@ status_from_text(const char *s, char *status)
 	}
 }
 
+/*
+ * collapse_reply_prefixes - a multi-line SMTP reply unfolded into one line
+ * repeats its prefix on every line ("550-5.1.1 The email account ...
+ * 550-5.1.1 double-checking ... 550 5.1.1 https://..."): keep the first
+ * prefix only.  Works in place; the text only gets shorter.
+ */
+static void
+collapse_reply_prefixes(char *s)
+{
+	size_t		len = strlen(s);
+	size_t		i;
+	size_t		plen;
+	size_t		enh;
+	size_t		r;
+	size_t		w;
+
+	for (i = 0; i + 4 <= len; i++)
+		if (smtp_code_at(s, len, i, true) && s[i + 3] == '-')
+			break;
+	if (i + 4 > len)
+		return;
+	enh = match_enhanced(s, len, i + 4);
+	if (enh > 0 && s[i + 4] != s[i])
+		enh = 0;
+	plen = 4 + enh;				/* "550-" or "550-5.1.1" */
+	r = w = i + plen;
+	while (r < len)
+	{
+		if (s[r] == ' ' && r + 1 + plen <= len &&
+			memcmp(s + r + 1, s + i, 3) == 0 &&
+			(s[r + 4] == '-' || s[r + 4] == ' ') &&
+			memcmp(s + r + 5, s + i + 4, enh) == 0 &&
+			(r + 1 + plen == len || s[r + 1 + plen] == ' '))
+		{
+			r += 1 + plen;
+			continue;
+		}
+		s[w++] = s[r++];
+	}
+	s[w] = '\0';
+}
+
 /* action_from_status - the Action a status class implies, for reports that leave it out */
 static DsnAction
 action_from_status(const char *status)
@@ -1495,6 +1537,8 @@ complete_recipients(ParseCtx *ctx)
 	{
 		DsnRecipient *r = &ctx->out->recipients[i];
 
+		if (r->diagnostic != NULL)
+			collapse_reply_prefixes(r->diagnostic);
 		if (r->status[0] == '\0' && r->diagnostic != NULL)
 			status_from_text(r->diagnostic, r->status);
 		if (r->action == DSN_ACTION_NONE)
@@ -1803,6 +1847,17 @@ read_qmail(ParseCtx *ctx, Slice text)
 	while (!ctx->oom && next_line(text, &pos, &line))
 	{
 		Slice		t = trim(line);
+		long		at;
+
+		if (ctx->out->reporting_mta == NULL && (at = find_ci(t, "qmail-send program at ")) >= 0)
+		{
+			Slice		host = slice_from(t, (size_t) at + strlen("qmail-send program at "), t.len);
+
+			while (host.len > 0 && host.data[host.len - 1] == '.')
+				host.len--;
+			ctx->out->reporting_mta = make_field(ctx, host);
+			continue;
+		}
 
 		if (starts_with_ci(t, "--- Below this line is") ||
 			starts_with_ci(t, "--- Enclosed are the original headers"))
@@ -1894,6 +1949,8 @@ read_exim_text(ParseCtx *ctx, Slice text)
 		{
 			Slice		t = trim(line);
 
+			if (diag_start == NULL && starts_with_ci(t, "Delay reason:"))
+				t = trim(slice_from(t, strlen("Delay reason:"), t.len));
 			if (diag_start == NULL)
 				diag_start = t.data;
 			diag_end = t.data + t.len;
@@ -1948,6 +2005,29 @@ read_plain_text(ParseCtx *ctx, Slice headers)
 		}
 	}
 	free(owned);
+}
+
+/*
+ * message_id_from_thread_headers - when the report returned nothing to
+ * read it from, the Message-ID it answers: its In-Reply-To, else the last
+ * id of its References (Exchange, Gmail and Exim set both)
+ */
+static void
+message_id_from_thread_headers(ParseCtx *ctx, Slice headers)
+{
+	Slice		v;
+
+	if (ctx->out->returned_message_id == NULL && get_header(headers, "In-Reply-To", &v))
+		ctx->out->returned_message_id = make_message_id(ctx, v);
+	if (ctx->out->returned_message_id == NULL && get_header(headers, "References", &v))
+	{
+		size_t		i = v.len;
+
+		while (i > 0 && v.data[i - 1] != '<')
+			i--;
+		if (i > 0)
+			ctx->out->returned_message_id = make_message_id(ctx, slice_from(v, i - 1, v.len));
+	}
 }
 
 /* sort_addresses - best source first (stable: the order within a source is kept) */
@@ -2005,6 +2085,8 @@ dsn_parse(const char *raw, size_t len, DsnReport *out)
 	else
 		read_plain_text(&ctx, headers);
 
+	if (out->kind != DSN_KIND_OTHER)
+		message_id_from_thread_headers(&ctx, headers);
 	sort_addresses(out);
 	free(ctx.returned_to);
 	if (ctx.oom)

@@ -109,14 +109,17 @@ typedef struct DsnReport
 	char	   *reporting_mta;	/* Reporting-MTA, type stripped */
 	char	   *original_envelope_id;	/* Original-Envelope-Id as written */
 	char	   *feedback_type;	/* complaints: "abuse", "fraud", ... lower case */
-	char	   *returned_message_id;	/* "<...>" of the returned message or headers
-										 * (else Gmail's X-Original-Message-ID) */
+	char	   *returned_message_id;	/* "<...>": see below */
 
 	int			nrecipients;
 	bool		recipients_truncated;	/* more than DSN_MAX_RECIPIENTS */
 	DsnRecipient *recipients;
 
 	/*
+	 * returned_message_id is the Message-ID of the returned message or
+	 * headers, else Gmail's X-Original-Message-ID, else (reports only) the
+	 * report's In-Reply-To or last References entry.
+	 *
 	 * VERP candidates, best first in the order of DsnAddressSource, without
 	 * duplicates (compared case-insensitively).
 	 */
