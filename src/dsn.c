@@ -1214,6 +1214,7 @@ make_message_id(ParseCtx *ctx, Slice v)
 {
 	Slice		t = trim(v);
 	const char *open = memchr(t.data, '<', t.len);
+	size_t		i;
 	Slice		id;
 	Slice		bracketed;
 	char	   *buf;
@@ -1230,8 +1231,7 @@ make_message_id(ParseCtx *ctx, Slice v)
 	}
 	else
 	{
-		size_t		i = 0;
-
+		i = 0;
 		while (i < t.len && !is_space(t.data[i]))
 			i++;
 		id = slice_from(t, 0, i);
@@ -1239,6 +1239,9 @@ make_message_id(ParseCtx *ctx, Slice v)
 	id = trim(id);
 	if (id.len == 0)
 		return NULL;
+	for (i = 0; i < id.len; i++)
+		if ((unsigned char) id.data[i] <= 32 || id.data[i] == 127)
+			return NULL;		/* no white space or control in an id */
 	if (id.len > DSN_MAX_TEXT)
 		id.len = DSN_MAX_TEXT;
 	buf = dsn_alloc(ctx, id.len + 2);
@@ -1448,9 +1451,9 @@ collapse_reply_prefixes(char *s)
 	if (i + 4 > len)
 		return;
 	enh = match_enhanced(s, len, i + 4);
-	if (enh > 0 && s[i + 4] != s[i])
-		enh = 0;
-	plen = 4 + enh;				/* "550-" or "550-5.1.1" */
+	if (enh == 0 || s[i + 4] != s[i])
+		return;					/* without "5.x.x", "550 " may be text */
+	plen = 4 + enh;				/* "550-5.1.1" */
 	r = w = i + plen;
 	while (r < len)
 	{
@@ -1748,6 +1751,14 @@ read_feedback(ParseCtx *ctx)
 		for (k = 0; t[k] != '\0' && t[k] != ' ' && t[k] != ';' && t[k] != '('; k++)
 			t[k] = ascii_lower(t[k]);
 		t[k] = '\0';
+		if (k == 0)
+		{
+			free(t);
+			out->feedback_type = NULL;
+			out->kind = DSN_KIND_MALFORMED;
+			out->error = "feedback report without Feedback-Type";
+			return;
+		}
 	}
 	out->kind = type_is_one_of(out->feedback_type, complaint_types) ?
 		DSN_KIND_COMPLAINT : DSN_KIND_OTHER;

@@ -100,6 +100,16 @@ typedef struct DsnAddress
 	char	   *address;		/* bare "local@domain" */
 } DsnAddress;
 
+/*
+ * What dsn_parse() read.  returned_message_id is the Message-ID of the
+ * returned message or headers, else Gmail's X-Original-Message-ID, else
+ * (reports only) the report's In-Reply-To or last References entry.
+ * addresses are the VERP candidates, best first in the order of
+ * DsnAddressSource, at most two per source, without duplicates (compared
+ * case-insensitively).  Complaints list the complained-of address (from
+ * Original-Rcpt-To, Removal-Recipient or the returned To) as a recipient
+ * with no action, when the provider has not redacted it.
+ */
 typedef struct DsnReport
 {
 	DsnKind		kind;
@@ -109,20 +119,12 @@ typedef struct DsnReport
 	char	   *reporting_mta;	/* Reporting-MTA, type stripped */
 	char	   *original_envelope_id;	/* Original-Envelope-Id as written */
 	char	   *feedback_type;	/* complaints: "abuse", "fraud", ... lower case */
-	char	   *returned_message_id;	/* "<...>": see below */
+	char	   *returned_message_id;	/* "<id>" */
 
 	int			nrecipients;
 	bool		recipients_truncated;	/* more than DSN_MAX_RECIPIENTS */
 	DsnRecipient *recipients;
 
-	/*
-	 * returned_message_id is the Message-ID of the returned message or
-	 * headers, else Gmail's X-Original-Message-ID, else (reports only) the
-	 * report's In-Reply-To or last References entry.
-	 *
-	 * VERP candidates, best first in the order of DsnAddressSource, without
-	 * duplicates (compared case-insensitively).
-	 */
 	int			naddresses;
 	DsnAddress	addresses[DSN_MAX_ADDRESSES];
 } DsnReport;

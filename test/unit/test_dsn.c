@@ -627,6 +627,26 @@ test_mime_handling(void)
 	CHECK(r.kind == DSN_KIND_MALFORMED, "no Feedback-Type: %s", dsn_kind_name(r.kind));
 	dsn_report_free(&r);
 
+	CHECK(parse_str(DSN_HEAD "Content-Type: multipart/report; report-type=feedback-report; boundary=b\n\n"
+					"--b\nContent-Type: message/feedback-report\n\nFeedback-Type: (none)\n--b--\n", &r), "oom");
+	CHECK(r.kind == DSN_KIND_MALFORMED && r.feedback_type == NULL, "Feedback-Type of a comment only: %s",
+		  dsn_kind_name(r.kind));
+	dsn_report_free(&r);
+
+	/* Message-IDs: white space inside is refused; reply prefixes without 5.x.x are kept */
+	CHECK(parse_str(DSN_HEAD "Content-Type: multipart/report; report-type=delivery-status; boundary=b\n\n"
+					"--b\nContent-Type: message/delivery-status\n\n"
+					"Final-Recipient: rfc822; id@y.example\nAction: failed\nStatus: 5.1.1\n"
+					"Diagnostic-Code: smtp; 550-Mailbox unknown\n 550-see 550 reasons\n 550 bye\n"
+					"--b\nContent-Type: text/rfc822-headers\n\nMessage-ID: <a b@c>\n"
+					"--b--\n", &r), "oom");
+	CHECK(r.returned_message_id == NULL, "Message-ID with a space: %s", show(r.returned_message_id));
+	CHECK(r.nrecipients == 1 &&
+		  same_str(r.recipients[0].diagnostic, "550-Mailbox unknown 550-see 550 reasons 550 bye"),
+		  "prefixes without enhanced code kept: [%s]",
+		  r.nrecipients == 1 ? show(r.recipients[0].diagnostic) : "");
+	dsn_report_free(&r);
+
 	/* qmail without any code; Exim text with a version number that looks like a status */
 	CHECK(parse_str("Return-Path: <>\nTo: erp+m7.tag@example.com\n\n"
 					"Hi. This is the qmail-send program at q.example.\n\n"
