@@ -410,7 +410,7 @@ line_is_blank(Slice line)
 	return true;
 }
 
-/* field_colon - offset of the colon when line starts a header field ("Name:" or "Name :"), else 0 */
+/* field_colon - offset of the colon when line starts a field ("Name:", "Name :"), else 0 */
 static size_t
 field_colon(Slice line)
 {
@@ -827,7 +827,7 @@ typedef struct MultipartIter
 	size_t		part_start;
 } MultipartIter;
 
-/* is_delimiter - line is "--boundary" or, *closing set, "--boundary--" (trailing white space allowed) */
+/* is_delimiter - line is "--boundary" or, *closing set, "--boundary--" (white space may trail) */
 static bool
 is_delimiter(Slice line, const char *boundary, size_t blen, bool *closing)
 {
@@ -1530,7 +1530,7 @@ recipient_field_bit(Slice name)
 	return 0;
 }
 
-/* complete_recipients - Status from the diagnostic and Action from the Status where a report left them out */
+/* complete_recipients - Status from the diagnostic, Action from the Status, where left out */
 static void
 complete_recipients(ParseCtx *ctx)
 {

@@ -163,6 +163,8 @@ extern int	dsn_report_verp_token(const DsnReport *report, const char *local_pref
 /*
  * Split a token "m<id>.<tag>" (the form notify_ext writes) into the
  * message id (1 to 18 digits) and tag ([A-Za-z0-9_-], 1 to tagsize - 1).
+ * Some relays change the case of addresses: "M42.DB7F3A" is accepted, and
+ * the tag should be compared case-insensitively.
  */
 extern bool dsn_verp_message(const char *token, long long *message_id,
 							 char *tag, size_t tagsize);
