@@ -17,6 +17,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import smtplib
 import socket
@@ -37,6 +38,7 @@ CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g", "-I" + os.path
 SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 PASSWORD = "s3cret-Pa55word"
 STEP = re.compile(r"^(\w+) (ok|refused|failed) ms=(\d+)((?: \w+=\S*)*)(?:: (.*))?$")
+_out_dirs = []
 
 
 # -- the driver ----------------------------------------------------------------
@@ -50,6 +52,13 @@ def build(output, extra=()):
 def driver():
     build(DRIVER)
     return DRIVER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_out_dirs():
+    yield
+    for d in _out_dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Step:
@@ -84,6 +93,7 @@ def run_driver(binary, url, *commands, tls="verify", ca=None, user="bounces",
                password=PASSWORD, timeout=30, env=None):
     """Runs one driver session (or urlcheck); returns a Run with its steps."""
     out_dir = tempfile.mkdtemp(prefix="imap_driver_")
+    _out_dirs.append(out_dir)
     e = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
          "IMAP_URL": url or "", "IMAP_USER": user, "IMAP_PASSWORD": password,
          "IMAP_TLS": tls, "IMAP_CA_FILE": ca or "", "IMAP_OUT_DIR": out_dir,
@@ -558,7 +568,6 @@ def test_untrusted_ca_is_refused(driver, dovecot):
         run = run_driver(driver, url(dovecot), "search", tls="require", ca=other.ca_cert)
         assert run.step("open").status == "ok", run.stdout
     finally:
-        import shutil
         shutil.rmtree(other.dir, ignore_errors=True)
 
 
