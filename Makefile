@@ -22,6 +22,7 @@ OBJS = \
 	src/fanout.o \
 	src/render.o \
 	src/sender.o \
+	src/health.o \
 	src/smtp.o \
 	src/webhook.o \
 	src/spi_util.o \
@@ -45,6 +46,9 @@ EXTRA_CLEAN = results regression.diffs regression.out
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# PGXS tracks no header dependencies: a changed struct must rebuild every user
+$(OBJS): $(wildcard src/*.h)
 
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_SOURCES)
 	cat $^ > $@

@@ -137,7 +137,15 @@ SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": 42}');
 SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": null}');
 SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '["Authorization: x"]');
 SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"X-Key": "a", "x-key": "b"}');
-SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Type": "text/plain"}');
+-- a Content-Type header is the content type (as pg_net users write it); only a different
+-- content_type given as well is refused
+SELECT notify.set_webhook('ct', 'https://h.example.com/', '{}', '{"Content-Type": "text/plain; charset=utf-8", "X-Key": "k"}');
+SELECT notify.set_webhook('ct2', 'https://h.example.com/', '{}', '{"content-type": "Application/JSON"}',
+                          content_type => 'application/json');
+SELECT name, content_type, header_names FROM notify.channels WHERE name IN ('ct', 'ct2') ORDER BY name;
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Type": "text/plain"}', content_type => 'application/json');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Type": 7}');
+SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Type": "text/plain", "content-TYPE": "text/html"}');
 SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Host": "evil.example.com"}');
 SELECT notify.set_webhook('x', 'https://h.example.com/', '{}', '{"Content-Length": "0"}');
 -- the body template is compiled now: a syntax error says where

@@ -117,6 +117,19 @@ SELECT notify.drop_rule('no such rule');
 SELECT notify.drop_rule(NULL);
 SELECT name FROM notify.rule ORDER BY name;
 
+-- attachments: three columns read by position (any names), the third bytea
+SELECT notify.create_rule('files', 'order.created', 'order.created', '{email:a@example.com}',
+    attachments_query => $q$SELECT 'a.pdf', 'application/pdf', '\x25504446'::bytea WHERE $1 IS NOT NULL$q$) > 0 AS created;
+SELECT notify.drop_rule('files');
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+    attachments_query => $q$SELECT 'a.pdf', 'application/pdf'$q$);
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+    attachments_query => $q$SELECT 'a.pdf', 'application/pdf', 'text, not bytes'$q$);
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+    attachments_query => $q$SELECT 'a.pdf', 'application/pdf', '\x00'::bytea, 4$q$);
+SELECT notify.create_rule('r', 'order.created', 'order.created', '{email:a@example.com}',
+    attachments_query => $q$SELECT 1; SELECT 2$q$);
+
 -- a rule's owner is whoever stored it, whatever the row says
 CREATE ROLE regress_notify_rules IN ROLE notify_admin;
 SET ROLE regress_notify_rules;

@@ -41,6 +41,7 @@ int			notify_smtp_data_timeout = 600;
 char	   *notify_tls_ca_file = NULL;
 char	   *notify_timezone = NULL;
 int			notify_webhook_timeout = 30;
+int			notify_max_age = 5 * 24 * 3600;
 
 NotifyShared *notify_shared = NULL;
 
@@ -216,6 +217,15 @@ define_settings(void)
 							"Keep it under notify.lease / 2: a worker renews the leases of its messages between requests.",
 							&notify_webhook_timeout,
 							30, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.max_age",
+							"How long a message may wait to be sent (its channel failing, its retries going on) before it becomes dead.",
+							"Postfix keeps mail 5 days (maximal_queue_lifetime): so does notify_ext by default.",
+							&notify_max_age,
+							5 * 24 * 3600, 60, INT_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);

@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include "access/htup.h"
+#include "nodes/pg_list.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
@@ -35,6 +36,7 @@ extern int	notify_smtp_data_timeout;
 extern char *notify_tls_ca_file;
 extern char *notify_timezone;
 extern int	notify_webhook_timeout;
+extern int	notify_max_age;
 
 /* The most workers notify.workers may ask for. */
 #define NOTIFY_MAX_WORKERS 32
@@ -125,6 +127,13 @@ extern int	fanout_pending_events(int batch_size);
 extern int	send_due_messages(int batch_size, long *next_due_ms);
 extern void sender_shutdown(void);
 extern void sender_abandon_transfers(void);
+
+/* health.c: channel health */
+extern List *health_take_probes(void);
+extern void health_nothing_to_probe(const char *channel);
+extern void health_channel_failed(const char *channel, const char *reason, bool probe);
+extern bool health_channel_works(const char *channel);
+extern void health_log_transitions(bool discard);
 
 /* schedule.c */
 extern bool notify_cron_next(const char *text, TimestampTz after, TimestampTz *next);

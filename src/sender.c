@@ -44,11 +44,14 @@ typedef struct ClaimedMessage
 	TimestampTz finished;
 	bool		tried;			/* false: left to the lease (worker stopping) */
 	bool		recorded;		/* its outcome is committed */
+	bool		probe;			/* it probes its failing channel */
+	bool		hold;			/* held: its channel fails; back to the queue, no attempt */
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
 	SmtpConfig *cfg;			/* its SMTP channel, or */
 	WebhookConfig *hook;		/* its webhook channel; both NULL when unusable */
+	struct BatchChannel *bc;	/* its channel in this batch */
 	TimestampTz defer_until;	/* rate limit: back to the queue until then */
 	SendResult	result;
 } ClaimedMessage;
@@ -56,14 +59,33 @@ typedef struct ClaimedMessage
 /* A channel's settings, loaded once per batch. */
 typedef struct BatchChannel
 {
+	char	   *last_event;		/* "failed" or "answered": the latest of this batch */
 	char	   *name;
 	SmtpConfig *cfg;			/* an SMTP channel, or */
 	WebhookConfig *hook;		/* a webhook channel; both NULL: missing */
+	bool		failing;		/* known to fail: only its probe is tried */
+	char	   *failure;		/* failed in this batch: why (recorded at the next commit) */
+	bool		failure_by_probe;
+	bool		answered;		/* a message of it got an answer about itself in this batch */
 } BatchChannel;
+
+/* the batch's channels, for the health record at each commit */
+static List *batch_channels = NIL;
 
 static SmtpPool *pool = NULL;	/* in TopMemoryContext */
 
+static List *claimed_rows(uint64 n);
+
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr probe_claim_plan = NULL;
+static SPIPlanPtr max_age_plan = NULL;
+
+/* what a claim returns of each message */
+#define CLAIM_RETURNING \
+	"RETURNING m.id, m.address, m.display_name, m.subject, m.text_body, m.html_body," \
+	"          m.channel, m.attempts, m.event_id, m.rule_id," \
+	"          EXISTS (SELECT 1 FROM notify.attachment a" \
+	"                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)"
 static SPIPlanPtr expire_plan = NULL;
 static SPIPlanPtr channel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
@@ -115,11 +137,36 @@ prepare_plans(void)
 						   "                   ORDER BY q.next_attempt_at, q.id"
 						   "                   LIMIT $1 * $4) x)"
 						   "   FOR UPDATE SKIP LOCKED)) "
-						   "RETURNING m.id, m.address, m.display_name, m.subject, m.text_body, m.html_body,"
-						   "          m.channel, m.attempts, m.event_id, m.rule_id,"
-						   "          EXISTS (SELECT 1 FROM notify.attachment a"
-						   "                   WHERE a.event_id = m.event_id AND a.rule_id = m.rule_id)",
+						   CLAIM_RETURNING,
 						   4, claim_t);
+
+	/*
+	 * The probe of a failing channel ($1): the oldest of the messages it
+	 * holds, claimed like any other (its attempt is given back if the
+	 * channel still fails).
+	 */
+	probe_claim_plan = notify_keep_plan(
+								 "UPDATE notify.message m SET status = 'sending', attempts = m.attempts + 1,"
+								 "       lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2),"
+								 "       claimed_by = $3"
+								 " WHERE m.id = (SELECT d.id FROM notify.message d"
+								 "   WHERE d.status = 'queued' AND d.next_attempt_at = 'infinity' AND d.channel = $1"
+								 "   ORDER BY d.next_attempt_at, d.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+								 CLAIM_RETURNING,
+								 3, (Oid[]) {TEXTOID, INT4OID, INT4OID});
+
+	/*
+	 * notify.max_age: a message that has waited this long (its channel
+	 * failing for days, or retries spent slowly) is dead.  Read through the
+	 * queue's index, so the sweep costs the queue, not the history.
+	 */
+	max_age_plan = notify_keep_plan(
+							 "UPDATE notify.message m SET status = 'dead', lease_until = NULL,"
+							 "       last_error = pg_catalog.format('waited longer than notify.max_age (%s) to be sent%s',"
+							 "           pg_catalog.make_interval(secs => $1),"
+							 "           COALESCE('; last error: ' || m.last_error, ''))"
+							 " WHERE m.status = 'queued' AND m.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)",
+							 1, (Oid[]) {FLOAT8OID});
 	expire_plan = notify_keep_plan(
 							"UPDATE notify.message m SET status = 'queued', lease_until = NULL"
 							" WHERE m.id = ANY (ARRAY("
@@ -131,8 +178,10 @@ prepare_plans(void)
 							 "SELECT c.kind, c.url, c.from_address, c.username, s.password, c.tls, c.rate_per_minute,"
 							 "       c.content_type,"
 							 "       ARRAY(SELECT h.key FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key),"
-							 "       ARRAY(SELECT h.value #>> '{}' FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key)"
+							 "       ARRAY(SELECT h.value #>> '{}' FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key),"
+							 "       COALESCE(ch.state = 'failing', false)"
 							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
+							 "  LEFT JOIN notify.channel_health ch ON ch.channel = c.name"
 							 " WHERE c.name = $1",
 							 1, text_t);
 
@@ -164,19 +213,21 @@ prepare_plans(void)
 							"          code, attempt_response)),"
 							" u AS (UPDATE notify.message m SET"
 							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $12 THEN 'dead'"
-							"                WHEN r.status = 'retry' THEN 'queued' ELSE r.status END,"
+							"                WHEN r.status IN ('retry', 'hold') THEN 'queued' ELSE r.status END,"
+							"  attempts = CASE WHEN r.status = 'hold' THEN m.attempts - 1 ELSE m.attempts END,"
 							"  sent_at = CASE WHEN r.status = 'sent' THEN pg_catalog.now() END,"
-							"  last_error = r.error, smtp_response = r.response,"
+							"  last_error = COALESCE(r.error, CASE WHEN r.status = 'hold' THEN m.last_error END),"
+							"  smtp_response = COALESCE(r.response, CASE WHEN r.status = 'hold' THEN m.smtp_response END),"
 							"  next_attempt_at = CASE WHEN r.status = 'retry'"
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
-							"      ELSE m.next_attempt_at END,"
+							"      WHEN r.status = 'hold' THEN 'infinity' ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
 							"  FROM r"
 							" WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts"
 							" RETURNING m.id) "
 							"INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, smtp_code, response)"
 							" SELECT r.id, r.started, r.finished, r.outcome, r.code, r.attempt_response"
-							"   FROM r JOIN u ON u.id = r.id",
+							"   FROM r JOIN u ON u.id = r.id WHERE r.outcome IS NOT NULL",
 							RECORD_NARGS, record_t);
 	{
 		Oid			att_t[2] = {INT8OID, INT8OID};
@@ -202,9 +253,13 @@ prepare_plans(void)
 							   " WHERE id = ANY ($1) AND (status || '') = 'sending'",
 							   2, renew_t);
 	}
+	/* the next message due, or the next probe of a failing channel (held messages wait for it) */
 	next_due_plan = notify_keep_plan(
-							  "SELECT pg_catalog.date_part('epoch', pg_catalog.min(m.next_attempt_at) - pg_catalog.now())"
-							  "  FROM notify.message m WHERE m.status = 'queued'",
+							  "SELECT pg_catalog.date_part('epoch', LEAST("
+							  "  (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m"
+							  "    WHERE m.status = 'queued' AND m.next_attempt_at < 'infinity'),"
+							  "  (SELECT pg_catalog.min(h.next_probe_at) FROM notify.channel_health h"
+							  "    WHERE h.state = 'failing')) - pg_catalog.now())",
 							  0, NULL);
 }
 
@@ -218,6 +273,8 @@ void
 sender_abandon_transfers(void)
 {
 	smtp_pool_abandon(pool);
+	health_log_transitions(true);
+	batch_channels = NIL;
 }
 
 /* claimed_by_id: the claimed message with this id (a batch holds a few). */
@@ -272,7 +329,7 @@ text_array(HeapTuple tup, TupleDesc desc, int col, int *n)
  * (webhook) according to *kind; false when it does not exist.
  */
 static bool
-load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind)
+load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind, bool *failing)
 {
 	Datum		arg = CStringGetTextDatum(name);
 	HeapTuple	tup;
@@ -294,6 +351,8 @@ load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind
 		Datum		rate = SPI_getbinval(tup, desc, 7, &isnull);
 
 		cfg->rate_per_minute = isnull ? 0 : DatumGetInt32(rate);
+		if (failing)
+			*failing = DatumGetBool(SPI_getbinval(tup, desc, 11, &isnull));
 	}
 	if (strcmp(*kind, "webhook") == 0)
 	{
@@ -314,6 +373,8 @@ load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind
 
 #define LEASE_CHECK_US 1000000
 static TimestampTz leases_checked_at = 0;
+#define MAX_AGE_CHECK_US (60 * (int64) 1000000)
+static TimestampTz max_age_checked_at = 0;
 
 /* claim_messages: mark a batch 'sending' under a lease; the caller commits. */
 static List *
@@ -337,6 +398,14 @@ claim_messages(int batch_size)
 						"putting messages whose lease ran out back in the queue");
 		leases_checked_at = now;
 	}
+	if (now - max_age_checked_at >= MAX_AGE_CHECK_US || now < max_age_checked_at)
+	{
+		Datum		age = Float8GetDatum((double) notify_max_age);
+
+		notify_run_plan(max_age_plan, &age, NULL, false, 0, SPI_OK_UPDATE,
+						"giving up messages older than notify.max_age");
+		max_age_checked_at = now;
+	}
 	nestlevel = NewGUCNestLevel();
 
 	/*
@@ -352,6 +421,20 @@ claim_messages(int batch_size)
 							 GUC_ACTION_SAVE, true, 0, false);
 	n = notify_run_plan(claim_plan, args, NULL, false, 0, SPI_OK_UPDATE_RETURNING, "claiming messages");
 	AtEOXact_GUC(true, nestlevel);
+
+	claimed = claimed_rows(n);
+	SPI_freetuptable(SPI_tuptable);
+	return claimed;
+}
+
+/*
+ * claimed_rows: the claimed messages SPI_tuptable holds (CLAIM_RETURNING),
+ * copied into the current context.
+ */
+static List *
+claimed_rows(uint64 n)
+{
+	List	   *claimed = NIL;
 
 	for (uint64 i = 0; i < n; i++)
 	{
@@ -377,8 +460,37 @@ claim_messages(int batch_size)
 		m->has_attachments = DatumGetBool(SPI_getbinval(tup, desc, 11, &isnull));
 		claimed = lappend(claimed, m);
 	}
-	SPI_freetuptable(SPI_tuptable);
 	return claimed;
+}
+
+/*
+ * claim_probes: for each failing channel whose probe is due and that this
+ * worker takes, the one held message that probes it; they go first.
+ */
+static List *
+claim_probes(void)
+{
+	List	   *probes = NIL;
+	ListCell   *lc;
+	List	   *channels = health_take_probes();
+
+	foreach(lc, channels)
+	{
+		char	   *channel = (char *) lfirst(lc);
+		Datum		args[3] = {CStringGetTextDatum(channel), Int32GetDatum(notify_lease),
+		Int32GetDatum(notify_worker_slot)};
+		uint64		n = notify_run_plan(probe_claim_plan, args, NULL, false, 0,
+										SPI_OK_UPDATE_RETURNING, "claiming a channel's probe");
+		List	   *rows = claimed_rows(n);
+
+		SPI_freetuptable(SPI_tuptable);
+		if (rows == NIL)
+			health_nothing_to_probe(channel);
+		else
+			((ClaimedMessage *) linitial(rows))->probe = true;
+		probes = list_concat(probes, rows);
+	}
+	return probes;
 }
 
 /*
@@ -485,22 +597,34 @@ record_results(List *claimed)
 			continue;
 		}
 
-		switch (m->result.outcome)
-		{
-			case SEND_SENT:
-				status = outcome = "sent";
-				break;
-			case SEND_FAILED:
-				status = outcome = "failed";
-				break;
-			case SEND_UNKNOWN:
-				status = "retry";
-				outcome = "unknown";
-				break;
-			default:
-				status = outcome = "retry";
-				break;
-		}
+		/*
+		 * A message held because its channel fails, or whose try failed for
+		 * the channel's reasons, goes back to the queue with its attempt
+		 * given back; only a try that reached the channel leaves a row.
+		 */
+		if (m->hold)
+			status = "hold", outcome = "";
+		else
+			switch (m->result.outcome)
+			{
+				case SEND_SENT:
+					status = outcome = "sent";
+					break;
+				case SEND_FAILED:
+					status = outcome = "failed";
+					break;
+				case SEND_UNKNOWN:
+					status = "hold";
+					outcome = "unknown";
+					break;
+				case SEND_CHANNEL:
+					status = "hold";
+					outcome = "channel";
+					break;
+				default:
+					status = outcome = "retry";
+					break;
+			}
 		array_arg_add(&r[0], Int64GetDatum(m->out.id), false);
 		array_arg_add_text(&r[1], status);
 		array_arg_add_text(&r[2], m->result.error);
@@ -619,6 +743,69 @@ renew_leases(List *claimed)
 }
 
 /*
+ * note_outcome: what a message's outcome says of its channel.  A failure
+ * of the channel's makes the rest of the batch's messages of that channel
+ * wait (held, not tried); an answer about the message means the channel
+ * works.  Recorded in the health table at the next commit.
+ */
+static void
+note_outcome(ClaimedMessage *m)
+{
+	BatchChannel *bc = m->bc;
+
+	if (bc == NULL || m->hold || m->defer_until != 0)
+		return;
+	switch (m->result.outcome)
+	{
+		case SEND_CHANNEL:
+		case SEND_UNKNOWN:
+			bc->failing = true;
+			if (bc->failure == NULL)
+			{
+				bc->failure = pstrdup(m->result.error);
+				bc->failure_by_probe = m->probe;
+			}
+			bc->last_event = "failed";
+			break;
+		default:
+			if (m->cfg == NULL && m->hook == NULL)
+				break;			/* no channel: nothing said about one */
+			bc->failing = false;
+			bc->answered = true;
+			bc->last_event = "answered";
+			break;
+	}
+}
+
+/*
+ * record_health: the batch's channels' failures and recoveries since the
+ * last commit, in the caller's transaction; true when a channel works
+ * again (its held messages are due now).
+ */
+static bool
+record_health(void)
+{
+	ListCell   *lc;
+	bool		recovered = false;
+
+	foreach(lc, batch_channels)
+	{
+		BatchChannel *bc = (BatchChannel *) lfirst(lc);
+
+		if (bc->last_event == NULL)
+			continue;
+		if (strcmp(bc->last_event, "failed") == 0)
+			health_channel_failed(bc->name, bc->failure, bc->failure_by_probe);
+		else if (health_channel_works(bc->name))
+			recovered = true;
+		bc->last_event = NULL;
+		bc->failure = NULL;
+		bc->answered = false;
+	}
+	return recovered;
+}
+
+/*
  * commit_results: record, in a transaction of their own, the outcomes not
  * yet recorded, and renew the leases of the rest when asked.  Interrupts
  * are held: what was sent must be recorded even if a SIGTERM arrived
@@ -627,14 +814,21 @@ renew_leases(List *claimed)
 static void
 commit_results(List *claimed, MemoryContext batch, bool renew)
 {
+	bool		recovered;
+
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
 	record_results(claimed);
+	recovered = record_health();
 	if (renew)
 		renew_leases(claimed);
 	MemoryContextSwitchTo(batch);
 	end_work();
+	health_log_transitions(false);
+	/* a channel that works again: what it held is for every worker to send */
+	if (recovered)
+		notify_wake_worker();
 	RESUME_INTERRUPTS();
 	MemoryContextSwitchTo(batch);
 }
@@ -657,7 +851,7 @@ batch_channel(List **channels, const char *name)
 	}
 	bc = palloc0(sizeof(BatchChannel));
 	bc->name = pstrdup(name);
-	if (load_channel(name, cfg, hook, &kind))
+	if (load_channel(name, cfg, hook, &kind, &bc->failing))
 	{
 		if (strcmp(kind, "smtp") == 0)
 			bc->cfg = cfg;
@@ -665,6 +859,7 @@ batch_channel(List **channels, const char *name)
 			bc->hook = hook;
 	}
 	*channels = lappend(*channels, bc);
+	batch_channels = *channels;
 	return bc;
 }
 
@@ -681,7 +876,12 @@ start_message(ClaimedMessage *m)
 	int			rate = m->cfg ? m->cfg->rate_per_minute : m->hook ? m->hook->rate_per_minute : 0;
 
 	m->started = GetCurrentTimestamp();
-	if (m->cfg == NULL && m->hook == NULL)
+	if (m->bc != NULL && m->bc->failing && !m->probe)
+	{
+		/* its channel fails: it waits for the probe, no attempt spent, nothing tried */
+		m->hold = true;
+	}
+	else if (m->cfg == NULL && m->hook == NULL)
 	{
 		/* the channel's settings are missing, not the message's: it waits for them */
 		m->result.outcome = SEND_RETRY;
@@ -696,6 +896,7 @@ start_message(ClaimedMessage *m)
 		return true;
 	m->finished = GetCurrentTimestamp();
 	m->tried = true;
+	note_outcome(m);
 	return false;
 }
 
@@ -731,7 +932,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 	begin_work("notify_ext: claiming messages");
 	prepare_plans();
 	MemoryContextSwitchTo(batch);
-	claimed = claim_messages(batch_size);
+	batch_channels = NIL;
+	claimed = list_concat(claim_probes(), claim_messages(batch_size));
 	notify_refresh_snapshot();	/* a channel set up just before its messages were queued */
 	foreach(lc, claimed)
 	{
@@ -740,6 +942,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 
 		MemoryContextSwitchTo(batch);
 		bc = batch_channel(&channels, m->channel);
+		m->bc = bc;
 		m->cfg = bc->cfg;
 		m->hook = bc->hook;
 		if (m->has_attachments)
@@ -779,6 +982,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 				done->result = done_result;
 				done->finished = GetCurrentTimestamp();
 				done->tried = true;
+				note_outcome(done);
 				unrecorded++;
 			}
 			/* a crash resends what is sent but not recorded: keep that window small */
@@ -848,7 +1052,7 @@ notify_test_smtp(PG_FUNCTION_ARGS)
 	SPI_connect();
 	MemoryContextSwitchTo(fcxt);
 	prepare_plans();
-	if (!load_channel(name, &cfg, &hook, &kind))
+	if (!load_channel(name, &cfg, &hook, &kind, NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("channel \"%s\" does not exist", name),

@@ -15,8 +15,10 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <curl/curl.h>
 #include <sys/socket.h>
+#include <poll.h>
 #include <unistd.h>
 #include <time.h>
 
@@ -49,6 +51,8 @@ struct SmtpClient
 	bool		owns_cfg;		/* cfg's strings are this client's copies */
 	CURL	   *curl;
 	char		last_reply[512];	/* the server's last reply line */
+	int			last_code;		/* its code, 0 before any reply of this transfer */
+	bool		envelope_phase; /* the session is set up: MAIL FROM comes next */
 	bool		quitting;		/* QUIT sent: its 221 is not the answer we log */
 	StringInfo	transcript;		/* test_smtp: the dialogue, credentials hidden */
 	bool		in_auth;		/* between AUTH and its final reply */
@@ -137,6 +141,9 @@ note_reply(SmtpClient *client, const char *data, size_t size)
 		client->body_done = true;
 		client->body_done_at = client->last_activity;
 	}
+	if (size >= 3 && isdigit((unsigned char) data[0]) && isdigit((unsigned char) data[1]) &&
+		isdigit((unsigned char) data[2]))
+		client->last_code = (data[0] - '0') * 100 + (data[1] - '0') * 10 + (data[2] - '0');
 	/* a multi-line reply arrives line by line; keep the last one */
 	n = Min(size, sizeof(client->last_reply) - 1);
 	memcpy(client->last_reply, data, n);
@@ -282,6 +289,19 @@ close_socket_cb(void *clientp, curl_socket_t fd)
 	return close(fd);
 }
 
+/*
+ * prereq_cb: libcurl is about to send the request proper (for SMTP, MAIL
+ * FROM) on a connection that is set up (greeted, EHLO, TLS, AUTH) or
+ * reused: from now on a refusal is about the message.
+ */
+static int
+prereq_cb(void *clientp, char *conn_primary_ip, char *conn_local_ip, int conn_primary_port,
+		  int conn_local_port)
+{
+	((SmtpClient *) clientp)->envelope_phase = true;
+	return CURL_PREREQFUNC_OK;
+}
+
 /* client_create: a handle; it connects on its first transfer. */
 static SmtpClient *
 client_create(void)
@@ -304,6 +324,8 @@ client_create(void)
 	curl_easy_setopt(client->curl, CURLOPT_OPENSOCKETDATA, client);
 	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
 	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETDATA, client);
+	curl_easy_setopt(client->curl, CURLOPT_PREREQFUNCTION, prereq_cb);
+	curl_easy_setopt(client->curl, CURLOPT_PREREQDATA, client);
 	return client;
 }
 
@@ -487,6 +509,8 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 
 	memset(result, 0, sizeof(*result));
 	client->last_reply[0] = '\0';
+	client->last_code = 0;
+	client->envelope_phase = false;
 	client->quitting = false;
 	client->curl_err[0] = '\0';
 	client->body_done = false;
@@ -510,7 +534,7 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	from_header = mime_format_mailbox(NULL, client->cfg.from_address, errbuf, sizeof(errbuf));
 	if (from_header == NULL)
 	{
-		fail_result(result, SEND_RETRY, "channel's from_address: %s", errbuf);
+		fail_result(result, SEND_CHANNEL, "channel's from_address: %s", errbuf);
 		return false;
 	}
 	subject = mime_encode_header_text(msg->subject ? msg->subject : "",
@@ -529,7 +553,7 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	appendStringInfo(headers, "To: %s\r\n", to_header);
 	appendStringInfo(headers, "Subject: %s\r\n", subject);
 	appendStringInfo(headers, "Message-ID: %s\r\n",
-					 mime_message_id("notify.message", msg->id, mime_domain_of(client->cfg.from_address),
+					 mime_message_id(msg->id_kind ? msg->id_kind : "notify.message", msg->id, mime_domain_of(client->cfg.from_address),
 									 idbuf, sizeof(idbuf)));
 	/* RFC 3834: tells auto-responders not to answer a machine */
 	appendStringInfoString(headers, "Auto-Submitted: auto-generated\r\n");
@@ -605,24 +629,27 @@ static void
 classify_transfer(SmtpClient *client, CURLcode res, const char *why)
 {
 	SendResult *result = &client->result;
-	long		code = 0;
 	const char *line = client->last_reply;
+	int			code = client->last_code;
 	char		err[CURL_ERROR_SIZE + 64];
 
-	curl_easy_getinfo(client->curl, CURLINFO_RESPONSE_CODE, &code);
 	strlcpy(err, why ? why : (client->curl_err[0] ? client->curl_err : curl_easy_strerror(res)),
 			sizeof(err));
+	/* libcurl ends some messages with a period: the text goes on after it */
+	if (strlen(err) > 0 && err[strlen(err) - 1] == '.')
+		err[strlen(err) - 1] = '\0';
 	release_transfer(client);
 
-	result->code = (int) code;
-	strlcpy(result->response, line, sizeof(result->response));
 	if (res == CURLE_OK)
 	{
 		result->outcome = SEND_SENT;
+		result->code = code;
+		strlcpy(result->response, line, sizeof(result->response));
 		return;
 	}
 	if (client->body_done && !client->reply_after_body)
 	{
+		/* the relay went silent after the data: the channel's trouble, and maybe a duplicate */
 		result->outcome = SEND_UNKNOWN;
 		snprintf(result->error, sizeof(result->error),
 				 "unknown outcome: the message's data was sent but no reply to its end came (%s); "
@@ -630,28 +657,47 @@ classify_transfer(SmtpClient *client, CURLcode res, const char *why)
 				 err);
 		return;
 	}
-	snprintf(result->error, sizeof(result->error), "%s%s%s",
-			 err, line[0] ? "; server said: " : "", line);
+
 	/*
-	 * A 5xx reply to the envelope or the data is the server's final word on
-	 * this message.  A refused login is not, nor "authentication required"
-	 * (530, RFC 4954; libcurl goes on without AUTH when the server does not
-	 * offer it): it is the channel's settings that are wrong, and the
-	 * message must wait for them to be fixed.
+	 * A reply to MAIL, RCPT, DATA or the final dot (the envelope phase:
+	 * libcurl calls prereq_cb once the session is set up, reused or new) is
+	 * the server's word on this message: 5xx fails it, 4xx retries it, and
+	 * either spends an attempt.  Anything else is the channel's: no
+	 * connection, a bad greeting, EHLO, STARTTLS, TLS, a refused login, the
+	 * connection lost, a silence, 421 ("service not available", at any
+	 * step), or 530 ("authentication required", RFC 4954: the channel's
+	 * settings are wrong).  Its messages wait without spending attempts.
+	 * Only a reply that refused is quoted: after a TLS failure, the last
+	 * reply was the 250 of EHLO, which is not what happened.
 	 */
-	if (code == 530)
+	if (client->envelope_phase && code >= 400 && code < 600 && code != 421 && code != 530)
 	{
+		result->outcome = code >= 500 ? SEND_FAILED : SEND_RETRY;
+		result->code = code;
+		strlcpy(result->response, line, sizeof(result->response));
+		snprintf(result->error, sizeof(result->error), "%s; server said: %s", err, line);
+		return;
+	}
+	result->outcome = SEND_CHANNEL;
+	if (code >= 400)
+	{
+		result->code = code;
+		strlcpy(result->response, line, sizeof(result->response));
+	}
+	if (code == 530)
 		snprintf(result->error, sizeof(result->error),
 				 "the server requires authentication%s; server said: %s",
 				 client->cfg.username ? " and did not offer AUTH on this connection (check the channel's url and tls mode)"
 				 : ": set a username and password on the channel",
 				 line);
-		result->outcome = SEND_RETRY;
-	}
-	else if (code >= 500 && code < 600 && res != CURLE_LOGIN_DENIED)
-		result->outcome = SEND_FAILED;
+	else if (res == CURLE_USE_SSL_FAILED)
+		snprintf(result->error, sizeof(result->error),
+				 "%s%s: the channel's tls is '%s', so nothing is sent in clear text (use tls => 'off' only for a trusted relay)",
+				 err, code >= 400 ? psprintf("; server said: %s", line) : "",
+				 client->cfg.tls ? client->cfg.tls : "verify");
 	else
-		result->outcome = SEND_RETRY;
+		snprintf(result->error, sizeof(result->error), "%s%s%s",
+				 err, code >= 400 ? "; server said: " : "", code >= 400 ? line : "");
 }
 
 /* finish_transfer: classify_transfer, then make the texts storable. */
@@ -927,6 +973,56 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *res
 }
 
 /*
+ * say_quit: end test_smtp's connect-only session with QUIT, as a polite
+ * client does (libcurl closes a connect-only connection without it, and
+ * Postfix logs "lost connection after EHLO").  The reply is awaited a few
+ * seconds at most.
+ */
+static void
+say_quit(SmtpClient *client, StringInfo t)
+{
+	curl_socket_t fd = CURL_SOCKET_BAD;
+	size_t		sent = 0;
+	char		buf[512];
+	size_t		got = 0;
+	TimestampTz deadline = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
+
+	if (curl_easy_getinfo(client->curl, CURLINFO_ACTIVESOCKET, &fd) != CURLE_OK || fd == CURL_SOCKET_BAD ||
+		curl_easy_send(client->curl, "QUIT\r\n", 6, &sent) != CURLE_OK || sent != 6)
+		return;
+	appendStringInfoString(t, "> QUIT\n");
+	/* libcurl's own chatter about the raw reads is not the dialogue */
+	curl_easy_setopt(client->curl, CURLOPT_VERBOSE, 0L);
+	while (got < sizeof(buf) - 1 && GetCurrentTimestamp() < deadline)
+	{
+		size_t		n = 0;
+		CURLcode	rc = curl_easy_recv(client->curl, buf + got, sizeof(buf) - 1 - got, &n);
+		struct pollfd pfd = {fd, POLLIN, 0};
+
+		if (rc == CURLE_AGAIN)
+		{
+			CHECK_FOR_INTERRUPTS();
+			(void) poll(&pfd, 1, 100);
+			continue;
+		}
+		if (rc != CURLE_OK || n == 0)
+			break;
+		got += n;
+		if (memchr(buf, '\n', got) != NULL)
+			break;
+	}
+	if (got > 0)
+	{
+		char	   *line = notify_clean_text(buf, got, 200);
+		size_t		n = strlen(line);
+
+		while (n > 0 && line[n - 1] == ' ')
+			line[--n] = '\0';
+		appendStringInfo(t, "< %s\n", line);
+	}
+}
+
+/*
  * smtp_test_connection: notify.test_smtp's work.  Connects, greets,
  * negotiates TLS and authenticates (libcurl's connect phase for SMTP), or,
  * with send_to, sends a short test message; returns the dialogue and the
@@ -959,7 +1055,9 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 			OutMessage	msg;
 
 			memset(&msg, 0, sizeof(msg));
-			msg.id = 0;
+			/* a Message-ID of its own: a receiver that drops duplicates must not drop the next test */
+			msg.id_kind = psprintf("notify.test.%d", MyProcPid);
+			msg.id = (long long) GetCurrentTimestamp();
 			msg.address = send_to;
 			msg.subject = "notify_ext test message";
 			msg.text_body = psprintf("This is a test message sent by notify.test_smtp() through channel \"%s\".\n",
@@ -982,7 +1080,10 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 			curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, NULL);
 			result.code = (int) code;
 			if (res == CURLE_OK)
+			{
 				result.outcome = SEND_SENT;
+				say_quit(client, &t);
+			}
 			else
 			{
 				result.outcome = SEND_RETRY;

@@ -15,8 +15,11 @@ typedef enum SendOutcome
 	SEND_SENT,					/* the server accepted the message (250 after DATA) */
 	SEND_FAILED,				/* permanent: 5xx, or a message that can never be sent */
 	SEND_RETRY,					/* temporary: 4xx, connection trouble, timeout */
-	SEND_UNKNOWN				/* no reply after the end of the data: the server
+	SEND_UNKNOWN,				/* no reply after the end of the data: the server
 								 * may have the message; retried, same Message-ID */
+	SEND_CHANNEL				/* the channel failed, not the message (no
+								 * connection, TLS, login, 421, a gateway's 5xx):
+								 * the message waits, no attempt is spent */
 } SendOutcome;
 
 typedef struct SendResult
@@ -52,6 +55,7 @@ typedef struct OutAttachment
 typedef struct OutMessage
 {
 	long long	id;
+	const char *id_kind;		/* Message-ID's kind: NULL for "notify.message" */
 	const char *address;
 	const char *display_name;
 	const char *subject;

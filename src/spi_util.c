@@ -150,12 +150,20 @@ notify_clean_text(const char *src, size_t len, size_t maxlen)
 SPIPlanPtr
 notify_keep_plan(const char *sql, int nargs, Oid *argtypes)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
 
 	if (plan == NULL)
 		elog(ERROR, "notify_ext: could not prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "notify_ext: could not keep the plan of \"%s\"", sql);
+
+	/*
+	 * SPI leaves its procedure context current, which SPI_finish deletes:
+	 * what the caller allocates next (a list of claimed messages) must not
+	 * go there (a worker crashed on such a list in its first round).
+	 */
+	MemoryContextSwitchTo(caller);
 	return plan;
 }
 

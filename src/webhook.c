@@ -174,7 +174,8 @@ classify(CURLcode res, long code, const WebhookResponse *resp, const char *curl_
 		}
 		else
 		{
-			result->outcome = SEND_RETRY;
+			/* no connection, TLS, a timeout before the request was out: the gateway's trouble */
+			result->outcome = SEND_CHANNEL;
 			snprintf(result->error, sizeof(result->error), "%s%s", why,
 					 res == CURLE_OPERATION_TIMEDOUT
 					 ? psprintf(" (notify.webhook_timeout is %d s)", notify_webhook_timeout) : "");
@@ -191,19 +192,24 @@ classify(CURLcode res, long code, const WebhookResponse *resp, const char *curl_
 		char	   *location = NULL;
 
 		curl_easy_getinfo(handle, CURLINFO_REDIRECT_URL, &location);
-		result->outcome = SEND_RETRY;
+		result->outcome = SEND_CHANNEL;
 		snprintf(result->error, sizeof(result->error),
 				 "the server answered %s; redirects are not followed%s%s: fix the channel's url",
 				 result->response, location ? " (to " : "", location ? psprintf("%s)", location) : "");
 		return;
 	}
 	snprintf(result->error, sizeof(result->error), "the server answered %s", result->response);
-	if (code == 408 || code == 429 || code >= 500)
-		result->outcome = SEND_RETRY;
-	else if (code >= 400)
+
+	/*
+	 * A 4xx is the gateway's word on this message (a bad number, a refused
+	 * body): it fails.  408, 429 and every 5xx are about the gateway as a
+	 * whole (overloaded, down, rate limiting us): the channel fails, and
+	 * its messages wait without spending attempts.
+	 */
+	if (code >= 400 && code < 500 && code != 408 && code != 429)
 		result->outcome = SEND_FAILED;
 	else
-		result->outcome = SEND_RETRY;
+		result->outcome = SEND_CHANNEL;
 }
 
 /*
@@ -232,7 +238,7 @@ webhook_send(const WebhookConfig *cfg, const OutMessage *msg, SendResult *result
 		handle = curl_easy_init();
 		if (handle == NULL)
 		{
-			fail(result, SEND_RETRY, "libcurl: could not create a handle");
+			fail(result, SEND_CHANNEL, "libcurl: could not create a handle");
 			return;
 		}
 	}
@@ -244,7 +250,7 @@ webhook_send(const WebhookConfig *cfg, const OutMessage *msg, SendResult *result
 		{
 			curl_slist_free_all(headers);
 			/* the channel's settings are wrong, not the message: it waits for a fix */
-			fail(result, SEND_RETRY,
+			fail(result, SEND_CHANNEL,
 				 psprintf("header \"%s\" of channel \"%s\" is not a valid HTTP header (set it again with notify.set_webhook)",
 						  cfg->header_names[i], cfg->name));
 			return;

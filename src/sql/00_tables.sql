@@ -201,7 +201,9 @@ CREATE TABLE notify.attempt (
     message_id   bigint NOT NULL REFERENCES notify.message (id) ON DELETE CASCADE,
     started_at   timestamptz NOT NULL,
     finished_at  timestamptz NOT NULL,
-    outcome      text NOT NULL CHECK (outcome IN ('sent', 'failed', 'retry', 'unknown')),
+    -- channel: the channel failed (no connection, TLS, login, 421...), not the message:
+    -- no attempt is spent
+    outcome      text NOT NULL CHECK (outcome IN ('sent', 'failed', 'retry', 'unknown', 'channel')),
     smtp_code    integer,
     response     text
 );

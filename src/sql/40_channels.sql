@@ -74,7 +74,7 @@ CREATE FUNCTION notify._check_body_template(channel text, source text) RETURNS v
  */
 CREATE FUNCTION notify.set_webhook(name text, url text, body_template text,
                                    headers jsonb DEFAULT '{}',
-                                   content_type text DEFAULT 'application/json',
+                                   content_type text DEFAULT NULL,
                                    rate_per_minute integer DEFAULT NULL)
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -84,6 +84,8 @@ DECLARE
     h_name  text;
     h_value jsonb;
     seen    text[] := '{}';
+    ct_name text;
+    ct      text;
 BEGIN
     IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]+$' THEN
         RAISE EXCEPTION 'invalid channel name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
@@ -107,15 +109,6 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed',
                   HINT = 'For example ''{"to": "{{recipient.phone}}", "text": "{{message.subject}}"}''.';
     END IF;
-    IF content_type IS NULL OR content_type ~ '[[:cntrl:]]'
-       OR content_type !~ ('^' || tok || '/' || tok
-                           || '( *; *' || tok || '=(' || tok || '|"[^"\\]*"))* *$') THEN
-        RAISE EXCEPTION 'invalid content_type % for channel %',
-              pg_catalog.regexp_replace(notify._quoted(content_type), '[[:cntrl:]]', '?', 'g'),
-              pg_catalog.quote_literal(name)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'A media type, e.g. ''application/json'' or ''text/plain; charset=utf-8''.';
-    END IF;
     IF headers IS NULL THEN
         headers := '{}';
     END IF;
@@ -124,6 +117,40 @@ BEGIN
               pg_catalog.quote_literal(name)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'For example ''{"Authorization": "Bearer s3cret"}''.';
+    END IF;
+    -- a Content-Type header (as pg_net users write it) is the content type; it conflicts only
+    -- with a different content_type given as well (media types compare without case or spaces)
+    SELECT h.key, h.value #>> '{}' INTO ct_name, ct
+      FROM pg_catalog.jsonb_each(headers) h WHERE pg_catalog.lower(h.key) = 'content-type' LIMIT 1;
+    IF ct_name IS NOT NULL THEN
+        IF pg_catalog.jsonb_typeof(headers -> ct_name) <> 'string' THEN
+            RAISE EXCEPTION 'the value of header % of channel % must be a string', notify._quoted(ct_name),
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF content_type IS NOT NULL
+           AND pg_catalog.lower(pg_catalog.regexp_replace(content_type, '\s', '', 'g'))
+               <> pg_catalog.lower(pg_catalog.regexp_replace(ct, '\s', '', 'g')) THEN
+            RAISE EXCEPTION 'the Content-Type header of channel % contradicts its content_type',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = pg_catalog.format('The header says %s, content_type says %s.',
+                                                 pg_catalog.regexp_replace(notify._quoted(ct), '[[:cntrl:]]', '?', 'g'),
+                                                 pg_catalog.regexp_replace(notify._quoted(content_type), '[[:cntrl:]]', '?', 'g')),
+                      HINT = 'Give the media type once: as content_type, or as the Content-Type header.';
+        END IF;
+        content_type := ct;
+        headers := headers - ct_name;
+    END IF;
+    content_type := coalesce(content_type, 'application/json');
+    IF content_type IS NULL OR content_type ~ '[[:cntrl:]]'
+       OR content_type !~ ('^' || tok || '/' || tok
+                           || '( *; *' || tok || '=(' || tok || '|"[^"\\]*"))* *$') THEN
+        RAISE EXCEPTION 'invalid content_type % for channel %',
+              pg_catalog.regexp_replace(notify._quoted(content_type), '[[:cntrl:]]', '?', 'g'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A media type, e.g. ''application/json'' or ''text/plain; charset=utf-8''.';
     END IF;
     FOR h_name, h_value IN SELECT h.key, h.value FROM pg_catalog.jsonb_each(headers) h ORDER BY h.key LOOP
         IF h_name !~ ('^' || tok || '$') THEN
@@ -138,9 +165,7 @@ BEGIN
             RAISE EXCEPTION 'header % of channel % is set by the transport', notify._quoted(h_name),
                   pg_catalog.quote_literal(name)
                 USING ERRCODE = 'invalid_parameter_value',
-                      HINT = CASE WHEN pg_catalog.lower(h_name) = 'content-type'
-                                  THEN 'Pass the media type as content_type.'
-                                  ELSE 'Leave it out: it is set for each request.' END;
+                      HINT = 'Leave it out: it is set for each request.';
         END IF;
         IF pg_catalog.lower(h_name) = ANY (seen) THEN
             RAISE EXCEPTION 'header % is given twice for channel % (header names ignore case)',
@@ -186,14 +211,7 @@ END
 $$;
 
 -- The channels without their secrets: what notify_admin may see (of headers, only their names).
-CREATE VIEW notify.channels AS
-    SELECT c.name, c.kind, c.url, c.from_address, c.username,
-           (s.password IS NOT NULL) AS has_password, c.tls, c.rate_per_minute, c.updated_at,
-           c.content_type, c.body_template,
-           CASE WHEN c.kind = 'webhook'
-                THEN ARRAY(SELECT k FROM pg_catalog.jsonb_object_keys(s.headers) AS k ORDER BY k)
-           END AS header_names
-      FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name;
+
 
 -- Connect, greet, negotiate TLS, authenticate (and send a test message when send_to is
 -- given): the step-by-step dialogue, credentials hidden. SECURITY DEFINER to read the secret.

@@ -31,11 +31,11 @@ CREATE FUNCTION notify.retry(message_id bigint) RETURNS void
 DECLARE
     st text := notify._lock_message(message_id);
 BEGIN
-    IF st NOT IN ('failed', 'dead') THEN
-        RAISE EXCEPTION 'message % is %, only failed or dead messages can be retried', message_id, st
+    -- a queued message (waiting for its retry, or held by its failing channel) is made due now
+    IF st NOT IN ('failed', 'dead', 'queued') THEN
+        RAISE EXCEPTION 'message % is %, only queued, failed or dead messages can be retried', message_id, st
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = CASE WHEN st = 'queued' THEN 'It is already waiting for its next attempt.'
-                              ELSE 'See its row in notify.delivery_log.' END;
+                  HINT = 'See its row in notify.delivery_log.';
     END IF;
     -- attempts keep counting: the log shows every try ever made
     UPDATE notify.message m SET status = 'queued', next_attempt_at = pg_catalog.now(), lease_until = NULL

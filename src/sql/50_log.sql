@@ -1,14 +1,28 @@
 -- The delivery log: every message ever sent, failed, pending or suppressed,
 -- and every event whose processing failed, in one place.
+-- next_attempt_at: when a queued message is tried next (for a message held
+-- while its channel fails, the channel's next probe).
 CREATE VIEW notify.delivery_log AS
     SELECT m.id AS message_id, m.event_id, m.event_type, m.rule_name AS rule,
            m.recipient_key, m.address, m.channel, m.status, m.attempts, m.subject,
-           m.created_at, m.sent_at, m.last_error, m.smtp_response
+           m.created_at, m.sent_at,
+           CASE WHEN m.status = 'queued' AND h.state = 'failing'
+                THEN pg_catalog.format('waiting for channel %s, which is failing since %s: %s',
+                                       m.channel, h.failing_since, h.last_error)
+                ELSE m.last_error END AS last_error,
+           m.smtp_response,
+           CASE WHEN m.status = 'queued' THEN
+               CASE WHEN m.next_attempt_at = 'infinity' OR h.state = 'failing'
+                    THEN GREATEST(COALESCE(h.next_probe_at, pg_catalog.now()),
+                                  NULLIF(m.next_attempt_at, 'infinity'))
+                    ELSE m.next_attempt_at END
+           END AS next_attempt_at
       FROM notify.message m
+      LEFT JOIN notify.channel_health h ON h.channel = m.channel
     UNION ALL
     SELECT NULL::bigint, e.id, e.event_type, NULL::text,
            NULL::text, NULL::text, NULL::text, 'failed'::text, 0, NULL::text,
-           e.occurred_at, NULL::timestamptz, e.last_error, NULL::text
+           e.occurred_at, NULL::timestamptz, e.last_error, NULL::text, NULL::timestamptz
       FROM notify.event e
      WHERE e.status = 'failed';
 
@@ -22,7 +36,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient_group, notify.group_mem
     notify.preference, notify.directory TO notify_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON notify.schedule TO notify_admin;
 GRANT SELECT ON notify.event, notify.message, notify.attempt, notify.channel,
-    notify.channels, notify.delivery_log, notify.schedule_run, notify.schedules, notify.dedupe
+    notify.channel_health, notify.channels, notify.delivery_log, notify.schedule_run, notify.schedules, notify.dedupe
     TO notify_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
 REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;

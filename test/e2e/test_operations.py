@@ -69,7 +69,7 @@ def test_retry_requeues_a_failed_message(db, smtp, uniq):
     assert attempts == 2, "attempts keep counting across a manual retry"
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as exc:
         db.execute("SELECT notify.retry(%s)", (mid,))
-    assert "only failed or dead messages can be retried" in str(exc.value)
+    assert "only queued, failed or dead messages can be retried" in str(exc.value)
 
 
 def test_cancel_a_message_waiting_for_its_retry(db, smtp, uniq):
@@ -189,3 +189,29 @@ def test_a_dead_senders_messages_go_back_to_the_queue_when_its_lease_runs_out(db
     assert db.execute("SELECT status, claimed_by FROM notify.message WHERE address = %s",
                       (held,)).fetchone() == ("sending", 30)
     db.execute("UPDATE notify.message SET status = 'cancelled', lease_until = NULL WHERE address = %s", (held,))
+
+
+def test_test_smtp_says_quit_and_each_test_mail_has_its_own_message_id(db, smtp, uniq):
+    """A receiver that drops duplicate Message-IDs must not drop the next
+    test; a relay must not log a lost connection after test_smtp."""
+    from test_transport import RawSmtp
+    to = f"twice_{uniq}@example.com"
+    for _ in range(2):
+        report = db.execute("SELECT notify.test_smtp('email', %s)", (to,)).fetchone()[0]
+        assert f"OK: test message accepted for {to}" in report
+    mails = smtp.wait_for(to, count=2)
+    ids = [m.message["Message-ID"] for m in mails]
+    print(f"test mails' Message-IDs: {ids}")
+    assert len(set(ids)) == 2 and all(i.endswith("@example.com>") for i in ids)
+
+    raw = RawSmtp(offer_starttls=False)
+    try:
+        db.execute("SELECT notify.set_smtp(%s, 'erp@example.com', tls => 'off', name => %s)",
+                   (f"smtp://127.0.0.1:{raw.port}", f"raw_{uniq}"))
+        report = db.execute("SELECT notify.test_smtp(%s)", (f"raw_{uniq}",)).fetchone()[0]
+        print(report)
+        wait_until(lambda: "QUIT" in raw.lines, timeout=5, what="QUIT at the server")
+    finally:
+        raw.stop()
+    assert "> QUIT" in report and "< 221 bye" in report
+    assert report.rstrip().endswith("OK: connected and greeted")

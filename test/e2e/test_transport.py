@@ -86,8 +86,11 @@ def test_verify_refuses_a_certificate_it_cannot_trust(db, starttls_server, uniq)
     db.execute("SELECT notify.emit(%s, '{\"n\": 1}')", (etype,))
     row = wait_until(lambda: (r := log_row(db, etype)) and r[2] and r, timeout=15, what="TLS failure logged")
     print(row)
-    assert row[0] == "queued" and row[1] == 1, "a TLS failure is retried, not failed"
+    # the channel's failure, not the message's: it waits, no attempt spent
+    assert row[0] == "queued" and row[1] == 0, "a TLS failure is the channel's"
     assert "certificate" in row[2].lower() or "ssl" in row[2].lower()
+    state = db.execute("SELECT state, last_error FROM notify.channels WHERE name = %s", (f"ch_{uniq}",)).fetchone()
+    assert state[0] == "failing" and "certificate" in state[1].lower(), state
     assert handler.mails == []
     db.execute("SELECT notify.cancel(m.id) FROM notify.message m WHERE m.event_type = %s", (etype,))
 

@@ -118,5 +118,8 @@ def test_update_keeps_everything_and_matches_a_fresh_install(smtp, old):
         extra = sorted(set(updated) - set(fresh))
         print(f"{len(fresh)} objects in a fresh {CURRENT}; missing after the update: {missing[:5]}; extra: {extra[:5]}")
         assert not missing and not extra
+    except BaseException:
+        print(c.log()[-5000:])
+        raise
     finally:
         c.destroy()

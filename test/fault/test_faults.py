@@ -1,5 +1,5 @@
-"""Fault injection: the worker killed mid-run (SIGTERM, SIGKILL), the SMTP
-server down for 20 s, and an immediate shutdown of the cluster under load.
+"""Fault injection: the worker killed mid-run (SIGTERM, SIGKILL) and an
+immediate shutdown of the cluster under load.  (Relay outages: test_relay.py.)
 
 Each test makes its own cluster (and its own SMTP server), so it may kill,
 stop and restart them; it stops only what it started.  What was injected and
@@ -312,112 +312,6 @@ def test_worker_killed_while_sending(env, how):
         assert len(re.findall(r"notify_ext worker.*was terminated by signal 9", cluster.log())) == 1
     else:
         assert "terminated by signal" not in cluster.log()
-    conn.close()
-
-
-# --------------------------------------------------------------------------- 2. SMTP outage
-
-N_OUTAGE = 300
-OUTAGE_AT = 100
-OUTAGE_S = 20
-BACKOFF_S = 2
-
-
-def test_smtp_server_down_for_20s(env):
-    smtp = FaultSmtp(delay=0.02)       # 20 ms per DATA: the run lasts long enough to cut it
-    cluster = env(smtp, {"notify.retry_backoff": f"'{BACKOFF_S}s'"})
-    conn = cluster.connect()
-    wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
-
-    conn.execute("SELECT notify.emit('bulk', jsonb_build_object('n', g)) "
-                 "FROM generate_series(1, %s) g", (N_OUTAGE,))
-    wait_until(lambda: smtp.count() >= OUTAGE_AT, timeout=60, interval=0.005,
-               what=f"{OUTAGE_AT} mails received")
-    t_down_wall = time.time()
-    smtp.crash()
-    before = smtp.count()
-    print(f"\n[outage] injected: SMTP server (port {smtp.port}) down after {before} of "
-          f"{N_OUTAGE} mails, for {OUTAGE_S} s; retry_backoff {BACKOFF_S}s")
-    time.sleep(OUTAGE_S / 2)
-    mid = conn.execute("SELECT count(*) FROM notify.attempt WHERE outcome = 'retry'").fetchone()[0]
-    time.sleep(OUTAGE_S / 2)
-    during = status_counts(conn)
-    retries_down = conn.execute("SELECT count(*) FROM notify.attempt WHERE outcome = 'retry'").fetchone()[0]
-    print(f"[outage] while down: retry attempts {mid} at {OUTAGE_S // 2} s, {retries_down} at "
-          f"{OUTAGE_S} s; messages {during}")
-    assert smtp.count() == before
-    assert retries_down > 0, "the worker did not try during the outage"
-
-    smtp2 = FaultSmtp(port=smtp.port, share=smtp)
-    env.servers.append(smtp2)
-    t_up_wall = time.time()
-    t_up = time.monotonic()
-    wait_all_numbers(smtp2, "m", range(1, N_OUTAGE + 1), timeout=60, what=f"all {N_OUTAGE} mails")
-    t_all = time.monotonic()
-    wait_until(lambda: status_counts(conn).get("sent", 0) >= N_OUTAGE, timeout=30,
-               interval=0.25, what=f"{N_OUTAGE} 'sent' in notify.message")
-    final = status_counts(conn)
-    mails = smtp2.snapshot()
-    distinct, dup_mid, dup_n, split = tally(mails, "m")
-
-    rows = conn.execute("SELECT message_id, extract(epoch FROM started_at)::float8, "
-                        "extract(epoch FROM finished_at)::float8, outcome, response "
-                        "FROM notify.attempt ORDER BY message_id, started_at").fetchall()
-    by_msg = defaultdict(list)
-    for mid_, st, fin, outcome, resp in rows:
-        by_msg[mid_].append((st, fin, outcome, resp))
-    retries = sum(1 for r in rows if r[3] == "retry")
-    outcomes = Counter(r[3] for r in rows)
-    retried_msgs = sum(1 for a in by_msg.values() if len(a) > 1)
-    max_per_msg = max(len(a) for a in by_msg.values())
-    # spacing: after the k-th failed try the next one waits >= backoff * 2^(k-1)
-    # (the worker adds 0..25 % jitter, in fractions of a second)
-    too_soon, lateness, gaps = [], [], defaultdict(list)
-    for mid_, a in by_msg.items():
-        for k in range(1, len(a)):
-            prev, nxt = a[k - 1], a[k]
-            if prev[2] != "retry":
-                continue
-            need = BACKOFF_S * 2 ** (k - 1)
-            gap = nxt[0] - prev[1]
-            gaps[k].append(gap)
-            if gap < need - 0.05:
-                too_soon.append((mid_, k, round(gap, 3), need))
-            lateness.append(gap - need * 1.25)
-    retries_outside = [r for r in rows if r[3] == "retry"
-                       and not (t_down_wall - 1 <= r[1] <= t_up_wall + 1)]
-    window = t_up_wall - t_down_wall
-    max_retries_allowed = 1 + math.floor(math.log2(window / BACKOFF_S + 1))
-    max_retries_seen = max(sum(1 for x in a if x[2] == "retry") for a in by_msg.values())
-    sample = next((r[4] for r in rows if r[3] == "retry"), None)
-
-    print(f"[outage] server back after {window:.1f} s; all {N_OUTAGE} received "
-          f"{t_all - t_up:.1f} s later")
-    print(f"[outage] counted: {len(mails)} mails, {len(distinct)} distinct, duplicates by "
-          f"Message-ID {dup_mid}; messages {final}")
-    print(f"[outage] attempts: {len(rows)} rows {dict(outcomes)}; retry attempts {retries} "
-          f"(limit checked: < {N_OUTAGE * 6}); messages tried >1 time {retried_msgs}; max tries "
-          f"of one message {max_per_msg}; max retries of one message {max_retries_seen} "
-          f"(backoff allows <= {max_retries_allowed} in {window:.1f} s)")
-    for k in sorted(gaps):
-        g = gaps[k]
-        print(f"[outage] gap after failed try {k}: n={len(g)} min {min(g):.2f} s max {max(g):.2f} s "
-              f"(backoff {BACKOFF_S * 2 ** (k - 1)} s, +25 % jitter)")
-    print(f"[outage] retry attempts outside the outage window: {len(retries_outside)}; "
-          f"sample retry reason: {sample!r}")
-
-    assert distinct == set(range(1, N_OUTAGE + 1))
-    assert not split
-    assert final.get("sent") == N_OUTAGE and sum(final.values()) == N_OUTAGE, final
-    assert retries > 0
-    assert not too_soon, f"retries sooner than the backoff (message, try, gap, needed): {too_soon[:10]}"
-    assert retries < N_OUTAGE * 6, "tight retry loop"
-    assert max_retries_seen <= max_retries_allowed, "more retries than the doubling backoff allows"
-    assert max(lateness) < 5, f"a due retry waited {max(lateness):.1f} s beyond backoff+jitter"
-    # jitter: messages that failed together do not all retry together
-    assert max(gaps[1]) - min(gaps[1]) > 0.1, f"no jitter in the first retry: {min(gaps[1]):.2f}..{max(gaps[1]):.2f} s"
-    assert not log_lines(cluster, re.compile(r"PANIC|TRAP:|terminated by signal")), \
-        log_lines(cluster)
     conn.close()
 
 

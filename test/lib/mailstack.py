@@ -532,6 +532,13 @@ class Postfix:
             os.mkdir(self.data_dir, 0o700)
             pw = pwd.getpwnam("postfix")
             os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)
+            # the log file is written by postlogd and, when Postfix is stopped, by
+            # postsuper running as the mail owner (it warns about queue files a stop
+            # cut short, then cannot start): it must be the mail owner's from the start
+            with open(self.logfile, "a"):
+                pass
+            os.chown(self.logfile, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.logfile, 0o644)
             t = _postfix_time
             main = {
                 "compatibility_level": "3.6",

@@ -250,6 +250,267 @@ $$;
 ALTER FUNCTION notify.explain(text, jsonb, text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION notify.render(text, jsonb, text) SET search_path = pg_catalog, pg_temp;
 
+--
+-- A stranger's checkout (0.3): a Content-Type header is the webhook's content type.
+--
+CREATE OR REPLACE FUNCTION notify.set_webhook(name text, url text, body_template text,
+                                   headers jsonb DEFAULT '{}',
+                                   content_type text DEFAULT NULL,
+                                   rate_per_minute integer DEFAULT NULL)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- RFC 9110 token: what a header name (and each part of a media type) is made of
+    tok constant text := '[!#$%&''*+.^_`|~0-9A-Za-z-]+';
+    h_name  text;
+    h_value jsonb;
+    seen    text[] := '{}';
+    ct_name text;
+    ct      text;
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]+$' THEN
+        RAISE EXCEPTION 'invalid channel name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF url IS NULL OR url !~* '^https?://[^/?#\s]+([/?#]\S*)?$' OR url ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid webhook URL % for channel %',
+              coalesce('''' || pg_catalog.regexp_replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                           url, '''', ''''''), E'\r', '\r'), E'\n', '\n'), '[[:cntrl:]]', '?', 'g') || '''', 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Only http:// and https:// URLs are accepted, e.g. https://sms.example.com/send.';
+    END IF;
+    IF url ~ '^[^:]+://[^/?#]*@' THEN
+        RAISE EXCEPTION 'the webhook URL of channel % must not carry credentials', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass them in a header, e.g. headers => ''{"Authorization": "Bearer ..."}'': headers are stored where only the extension owner can read them.';
+    END IF;
+    IF body_template IS NULL THEN
+        RAISE EXCEPTION 'webhook channel % needs a body_template', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'For example ''{"to": "{{recipient.phone}}", "text": "{{message.subject}}"}''.';
+    END IF;
+    IF headers IS NULL THEN
+        headers := '{}';
+    END IF;
+    IF pg_catalog.jsonb_typeof(headers) <> 'object' THEN
+        RAISE EXCEPTION 'headers of channel % must be a JSON object of header names and values',
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example ''{"Authorization": "Bearer s3cret"}''.';
+    END IF;
+    -- a Content-Type header (as pg_net users write it) is the content type; it conflicts only
+    -- with a different content_type given as well (media types compare without case or spaces)
+    SELECT h.key, h.value #>> '{}' INTO ct_name, ct
+      FROM pg_catalog.jsonb_each(headers) h WHERE pg_catalog.lower(h.key) = 'content-type' LIMIT 1;
+    IF ct_name IS NOT NULL THEN
+        IF pg_catalog.jsonb_typeof(headers -> ct_name) <> 'string' THEN
+            RAISE EXCEPTION 'the value of header % of channel % must be a string', notify._quoted(ct_name),
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF content_type IS NOT NULL
+           AND pg_catalog.lower(pg_catalog.regexp_replace(content_type, '\s', '', 'g'))
+               <> pg_catalog.lower(pg_catalog.regexp_replace(ct, '\s', '', 'g')) THEN
+            RAISE EXCEPTION 'the Content-Type header of channel % contradicts its content_type',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = pg_catalog.format('The header says %s, content_type says %s.',
+                                                 pg_catalog.regexp_replace(notify._quoted(ct), '[[:cntrl:]]', '?', 'g'),
+                                                 pg_catalog.regexp_replace(notify._quoted(content_type), '[[:cntrl:]]', '?', 'g')),
+                      HINT = 'Give the media type once: as content_type, or as the Content-Type header.';
+        END IF;
+        content_type := ct;
+        headers := headers - ct_name;
+    END IF;
+    content_type := coalesce(content_type, 'application/json');
+    IF content_type IS NULL OR content_type ~ '[[:cntrl:]]'
+       OR content_type !~ ('^' || tok || '/' || tok
+                           || '( *; *' || tok || '=(' || tok || '|"[^"\\]*"))* *$') THEN
+        RAISE EXCEPTION 'invalid content_type % for channel %',
+              pg_catalog.regexp_replace(notify._quoted(content_type), '[[:cntrl:]]', '?', 'g'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A media type, e.g. ''application/json'' or ''text/plain; charset=utf-8''.';
+    END IF;
+    FOR h_name, h_value IN SELECT h.key, h.value FROM pg_catalog.jsonb_each(headers) h ORDER BY h.key LOOP
+        IF h_name !~ ('^' || tok || '$') THEN
+            RAISE EXCEPTION 'invalid header name % for channel %',
+                  pg_catalog.regexp_replace(notify._quoted(h_name), '[[:cntrl:]]', '?', 'g'),
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A header name is made of letters, digits and !#$%&''*+.^_`|~- only, e.g. X-Api-Key.';
+        END IF;
+        IF pg_catalog.lower(h_name) IN ('content-type', 'content-length', 'transfer-encoding', 'host',
+                                        'connection', 'expect', 'x-notify-message-id') THEN
+            RAISE EXCEPTION 'header % of channel % is set by the transport', notify._quoted(h_name),
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Leave it out: it is set for each request.';
+        END IF;
+        IF pg_catalog.lower(h_name) = ANY (seen) THEN
+            RAISE EXCEPTION 'header % is given twice for channel % (header names ignore case)',
+                  notify._quoted(h_name), pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        seen := seen || pg_catalog.lower(h_name);
+        IF pg_catalog.jsonb_typeof(h_value) <> 'string' THEN
+            RAISE EXCEPTION 'the value of header % of channel % must be a string', notify._quoted(h_name),
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- the value itself is never shown: it may be a secret
+        IF (h_value #>> '{}') ~ '[[:cntrl:]]' THEN
+            RAISE EXCEPTION 'the value of header % of channel % contains a line break or another control character',
+                  notify._quoted(h_name), pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A header value is one line of text: CR or LF would let it add headers to the request.';
+        END IF;
+    END LOOP;
+    IF rate_per_minute IS NOT NULL AND rate_per_minute <= 0 THEN
+        RAISE EXCEPTION 'rate_per_minute must be positive (channel %)', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM notify._check_body_template(name, body_template);
+    IF EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = set_webhook.name AND c.kind <> 'webhook') THEN
+        RAISE EXCEPTION 'channel % exists and is not a webhook channel', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    -- tls says what the transport does: an https server's certificate is always checked
+    INSERT INTO notify.channel AS c (name, kind, url, tls, rate_per_minute, body_template, content_type)
+    VALUES (set_webhook.name, 'webhook', set_webhook.url,
+            CASE WHEN set_webhook.url ~* '^https:' THEN 'verify' ELSE 'off' END,
+            set_webhook.rate_per_minute, set_webhook.body_template, set_webhook.content_type)
+    ON CONFLICT ON CONSTRAINT channel_pkey DO UPDATE
+       SET url = EXCLUDED.url, tls = EXCLUDED.tls, rate_per_minute = EXCLUDED.rate_per_minute,
+           body_template = EXCLUDED.body_template, content_type = EXCLUDED.content_type,
+           updated_at = pg_catalog.now();
+    INSERT INTO notify.channel_secret AS s (channel, headers)
+    VALUES (set_webhook.name, set_webhook.headers)
+    ON CONFLICT ON CONSTRAINT channel_secret_pkey DO UPDATE SET headers = EXCLUDED.headers;
+END
+$$;
+
+--
+-- When the relay is down (0.3): channel health, resume(), next_attempt_at in the log.
+--
+ALTER TABLE notify.attempt DROP CONSTRAINT attempt_outcome_check,
+    ADD CONSTRAINT attempt_outcome_check CHECK (outcome IN ('sent', 'failed', 'retry', 'unknown', 'channel'));
+
+/*
+ * Written by the workers: a channel whose server cannot be reached, greets
+ * badly, refuses TLS or the login, or closes with 421 (a webhook gateway:
+ * connection trouble, 3xx, 408, 429, 5xx) is 'failing'.  Its messages wait
+ * in the queue without spending attempts (held: next_attempt_at is
+ * 'infinity'); one probe at a time tries the channel at next_probe_at, the
+ * wait doubling from notify.retry_backoff up to 5 minutes; the first answer
+ * about a message (sent, or refused for that message) makes the channel
+ * 'ok' again and its held messages due at once.  Not dumped: a restored
+ * database starts with every channel 'ok'.
+ */
+CREATE TABLE notify.channel_health (
+    channel       text PRIMARY KEY REFERENCES notify.channel (name) ON DELETE CASCADE,
+    state         text NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'failing')),
+    failing_since timestamptz,
+    last_error    text,
+    next_probe_at timestamptz,
+    backoff       interval,            -- how long the next probe waits after this one fails
+    probes        integer NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+/*
+ * After fixing a channel: probe it now and make its waiting messages due
+ * now (those held while it failed, and those waiting for a retry); returns
+ * how many.  The channel is taken as working: if it still fails, its first
+ * message says so and it fails again, at once.
+ */
+CREATE FUNCTION notify.resume(channel text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = resume.channel) THEN
+        RAISE EXCEPTION 'channel % does not exist', notify._quoted(channel)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'See notify.channels for the channels there are.';
+    END IF;
+    UPDATE notify.channel_health h
+       SET state = 'ok', failing_since = NULL, next_probe_at = NULL, backoff = NULL, probes = 0,
+           updated_at = pg_catalog.now()
+     WHERE h.channel = resume.channel AND h.state = 'failing';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        RAISE LOG 'notify_ext: channel % resumed by %: taken as working again', notify._quoted(channel), current_user;
+    END IF;
+    UPDATE notify.message m SET next_attempt_at = pg_catalog.now()
+     WHERE m.status = 'queued' AND m.channel = resume.channel AND m.next_attempt_at > pg_catalog.now();
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM notify._wake_worker();
+    RETURN n;
+END
+$$;
+
+-- The channels without their secrets: what notify_admin may see (of headers, only their
+-- names), and whether each works (see notify.channel_health).
+CREATE OR REPLACE VIEW notify.channels AS
+    SELECT c.name, c.kind, c.url, c.from_address, c.username,
+           (s.password IS NOT NULL) AS has_password, c.tls, c.rate_per_minute, c.updated_at,
+           c.content_type, c.body_template,
+           CASE WHEN c.kind = 'webhook'
+                THEN ARRAY(SELECT k FROM pg_catalog.jsonb_object_keys(s.headers) AS k ORDER BY k)
+           END AS header_names,
+           COALESCE(h.state, 'ok') AS state, h.failing_since, h.last_error, h.next_probe_at
+      FROM notify.channel c
+      LEFT JOIN notify.channel_secret s ON s.channel = c.name
+      LEFT JOIN notify.channel_health h ON h.channel = c.name;
+
+-- next_attempt_at: when a queued message is tried next (for a message held
+-- while its channel fails, the channel's next probe).
+CREATE OR REPLACE VIEW notify.delivery_log AS
+    SELECT m.id AS message_id, m.event_id, m.event_type, m.rule_name AS rule,
+           m.recipient_key, m.address, m.channel, m.status, m.attempts, m.subject,
+           m.created_at, m.sent_at,
+           CASE WHEN m.status = 'queued' AND h.state = 'failing'
+                THEN pg_catalog.format('waiting for channel %s, which is failing since %s: %s',
+                                       m.channel, h.failing_since, h.last_error)
+                ELSE m.last_error END AS last_error,
+           m.smtp_response,
+           CASE WHEN m.status = 'queued' THEN
+               CASE WHEN m.next_attempt_at = 'infinity' OR h.state = 'failing'
+                    THEN GREATEST(COALESCE(h.next_probe_at, pg_catalog.now()),
+                                  NULLIF(m.next_attempt_at, 'infinity'))
+                    ELSE m.next_attempt_at END
+           END AS next_attempt_at
+      FROM notify.message m
+      LEFT JOIN notify.channel_health h ON h.channel = m.channel
+    UNION ALL
+    SELECT NULL::bigint, e.id, e.event_type, NULL::text,
+           NULL::text, NULL::text, NULL::text, 'failed'::text, 0, NULL::text,
+           e.occurred_at, NULL::timestamptz, e.last_error, NULL::text, NULL::timestamptz
+      FROM notify.event e
+     WHERE e.status = 'failed';
+
+CREATE OR REPLACE FUNCTION notify.retry(message_id bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text := notify._lock_message(message_id);
+BEGIN
+    -- a queued message (waiting for its retry, or held by its failing channel) is made due now
+    IF st NOT IN ('failed', 'dead', 'queued') THEN
+        RAISE EXCEPTION 'message % is %, only queued, failed or dead messages can be retried', message_id, st
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'See its row in notify.delivery_log.';
+    END IF;
+    -- attempts keep counting: the log shows every try ever made
+    UPDATE notify.message m SET status = 'queued', next_attempt_at = pg_catalog.now(), lease_until = NULL
+     WHERE m.id = retry.message_id;
+    PERFORM notify._wake_worker();
+END
+$$;
+
+GRANT SELECT ON notify.channel_health TO notify_admin;
+
 -- rights, as a fresh install has them (new functions included)
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
