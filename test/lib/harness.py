@@ -78,8 +78,12 @@ class Cluster:
         self.restart()
 
     def pg_ctl(self, *args, check=True):
+        # NOTIFY_SERVER_WRAPPER: an executable run as the server instead of postgres
+        # (e.g. a script that runs postgres under valgrind), for debugging the extension
+        wrapper = os.environ.get("NOTIFY_SERVER_WRAPPER")
         return subprocess.run(_as_pg_user([os.path.join(PG_BIN, "pg_ctl"), "-D", self.data,
-                                           "-l", self.logfile, "-w", "-t", "60"] + list(args)),
+                                           "-l", self.logfile, "-w", "-t", "120"]
+                                          + (["-p", wrapper] if wrapper else []) + list(args)),
                               check=check, capture_output=True, text=True, env=self._server_env())
 
     @staticmethod
