@@ -71,6 +71,7 @@ _PG_init(void)
 {
 	define_settings();
 	render_init_allocators();
+	notify_capture_init();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

@@ -110,6 +110,9 @@ extern int	notify_worker_slot;
 /* worker.c */
 extern PGDLLEXPORT void notify_worker_main(Datum main_arg);
 
+/* capture.c */
+extern void notify_capture_init(void);
+
 /* rowjson.c: a watched row as to_jsonb(row) gives it, and its table's name */
 extern Datum notify_row_to_jsonb(Relation rel, HeapTuple tuple);
 extern const char *notify_relation_name(Relation rel);

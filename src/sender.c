@@ -78,6 +78,7 @@ static List *claimed_rows(uint64 n);
 
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr probe_claim_plan = NULL;
+static SPIPlanPtr hold_lock_plan = NULL;
 static SPIPlanPtr max_age_plan = NULL;
 
 /* what a claim returns of each message */
@@ -155,6 +156,11 @@ prepare_plans(void)
 								 CLAIM_RETURNING,
 								 3, (Oid[]) {TEXTOID, INT4OID, INT4OID});
 
+	hold_lock_plan = notify_keep_plan(
+							   "SELECT h.channel FROM notify.channel_health h WHERE h.channel = ANY ($1)"
+							   " ORDER BY h.channel FOR SHARE",
+							   1, (Oid[]) {TEXTARRAYOID});
+
 	/*
 	 * notify.max_age: a message that has waited this long (its channel
 	 * failing for days, or retries spent slowly) is dead.  Read through the
@@ -220,7 +226,10 @@ prepare_plans(void)
 							"  smtp_response = COALESCE(r.response, CASE WHEN r.status = 'hold' THEN m.smtp_response END),"
 							"  next_attempt_at = CASE WHEN r.status = 'retry'"
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
-							"      WHEN r.status = 'hold' THEN 'infinity' ELSE m.next_attempt_at END,"
+							"      WHEN r.status = 'hold' THEN CASE WHEN EXISTS (SELECT 1 FROM notify.channel_health h"
+							"            WHERE h.channel = m.channel AND h.state = 'failing') THEN 'infinity'"
+							"            ELSE pg_catalog.now() END"
+							"      ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
 							"  FROM r"
 							" WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts"
@@ -778,12 +787,21 @@ note_outcome(ClaimedMessage *m)
 }
 
 /*
- * record_health: the batch's channels' failures and recoveries since the
- * last commit, in the caller's transaction; true when a channel works
- * again (its held messages are due now).
+ * record_health: the batch's channels' failures (failures true) or
+ * recoveries (false) since the last commit, in the caller's transaction;
+ * true when a channel works again (its held messages are due now).
+ *
+ * Failures are recorded before the messages, recoveries after: a message
+ * held in the same transaction then finds its channel failing, and one
+ * released finds itself among those made due.  Messages this batch held
+ * without trying (its channel was failing when claimed) are recorded under
+ * a share lock on their channel's health row (hold_lock_plan), so that a
+ * recovery committed meanwhile by another worker, which takes that row
+ * for update, is seen: they are then due at once instead of held for a
+ * channel that works.
  */
 static bool
-record_health(void)
+record_health(bool failures)
 {
 	ListCell   *lc;
 	bool		recovered = false;
@@ -795,14 +813,45 @@ record_health(void)
 		if (bc->last_event == NULL)
 			continue;
 		if (strcmp(bc->last_event, "failed") == 0)
+		{
+			if (!failures)
+				continue;
 			health_channel_failed(bc->name, bc->failure, bc->failure_by_probe);
-		else if (health_channel_works(bc->name))
-			recovered = true;
+		}
+		else
+		{
+			if (failures)
+				continue;
+			if (health_channel_works(bc->name))
+				recovered = true;
+		}
 		bc->last_event = NULL;
 		bc->failure = NULL;
 		bc->answered = false;
 	}
 	return recovered;
+}
+
+/* lock_held_channels: the health rows of the channels whose messages this batch holds. */
+static void
+lock_held_channels(List *claimed)
+{
+	ListCell   *lc;
+	Datum	   *names = palloc(sizeof(Datum) * Max(list_length(claimed), 1));
+	int			n = 0;
+	Datum		arg;
+
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+
+		if (m->hold && m->tried && !m->recorded)
+			names[n++] = CStringGetTextDatum(m->channel);
+	}
+	if (n == 0)
+		return;
+	arg = PointerGetDatum(construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT));
+	notify_run_plan(hold_lock_plan, &arg, NULL, false, 0, SPI_OK_SELECT, "locking held channels");
 }
 
 /*
@@ -819,8 +868,10 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
+	record_health(true);
+	lock_held_channels(claimed);
 	record_results(claimed);
-	recovered = record_health();
+	recovered = record_health(false);
 	if (renew)
 		renew_leases(claimed);
 	MemoryContextSwitchTo(batch);
@@ -891,7 +942,11 @@ start_message(ClaimedMessage *m)
 	else if (rate > 0 && !notify_rate_admit(m->channel, rate, m->started, &until))
 		m->defer_until = until;
 	else if (m->hook != NULL)
+	{
 		webhook_send(m->hook, &m->out, &m->result);
+		if (m->result.aborted)
+			return false;		/* the worker stops: left to reclaim_orphans, as above */
+	}
 	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m->out.id))
 		return true;
 	m->finished = GetCurrentTimestamp();
@@ -981,9 +1036,17 @@ send_due_messages(int batch_size, long *next_due_ms)
 
 				done->result = done_result;
 				done->finished = GetCurrentTimestamp();
-				done->tried = true;
-				note_outcome(done);
-				unrecorded++;
+				/*
+				 * Cut short because this worker stops: left 'sending', taken back
+				 * with an 'unknown' attempt when a worker starts again
+				 * (reclaim_orphans); it says nothing of the channel.
+				 */
+				done->tried = !done_result.aborted;
+				if (done->tried)
+				{
+					note_outcome(done);
+					unrecorded++;
+				}
 			}
 			/* a crash resends what is sent but not recorded: keep that window small */
 			if (unrecorded >= RECORD_EVERY ||

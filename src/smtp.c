@@ -640,6 +640,8 @@ classify_transfer(SmtpClient *client, CURLcode res, const char *why)
 		err[strlen(err) - 1] = '\0';
 	release_transfer(client);
 
+	/* the worker stops (or test_smtp's query was cancelled): no word on the message or the channel */
+	result->aborted = (res == CURLE_ABORTED_BY_CALLBACK);
 	if (res == CURLE_OK)
 	{
 		result->outcome = SEND_SENT;

@@ -279,7 +279,13 @@ def test_worker_killed_while_sending(env, how):
           f"{smtp.count()} mails received so far")
     assert new_pid != old_pid
 
-    wait_all_numbers(smtp, "m", range(1, N_KILL + 1), timeout=90, what=f"all {N_KILL} mails")
+    try:
+        wait_all_numbers(smtp, "m", range(1, N_KILL + 1), timeout=90, what=f"all {N_KILL} mails")
+    except AssertionError:
+        print(f"[{how}] messages {status_counts(conn)}; channels "
+              f"{conn.execute('SELECT name, state, last_error, next_probe_at FROM notify.channels').fetchall()}; "
+              f"held {conn.execute(chr(39).join(['SELECT count(*) FROM notify.message WHERE next_attempt_at = ', 'infinity', ''])).fetchone()}")
+        raise
     t_all = time.monotonic()
     sent = wait_until(lambda: status_counts(conn).get("sent", 0) >= N_KILL and status_counts(conn),
                       timeout=30, interval=0.25, what=f"{N_KILL} 'sent' in notify.message")

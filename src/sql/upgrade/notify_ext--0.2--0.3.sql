@@ -511,6 +511,33 @@ $$;
 
 GRANT SELECT ON notify.channel_health TO notify_admin;
 
+--
+-- The lean path (0.3): the event cursor instead of event_pending_idx.
+--
+DROP INDEX notify.event_pending_idx;
+/*
+ * Where the workers look for events to fan out: every event below
+ * low_water is processed, and no transaction can still add one below it.
+ * A worker claims from there (by the primary key) instead of keeping an
+ * index of the unprocessed events, which cost every captured row an index
+ * entry (and every processed one a non-HOT update).  It advances only past
+ * ids whose transactions have all ended: see advance_low_water in
+ * fanout.c.  Not dumped: a restored database starts from 0.
+ */
+CREATE TABLE notify.event_cursor (
+    one           boolean PRIMARY KEY DEFAULT true CHECK (one),
+    low_water     bigint NOT NULL DEFAULT 0,
+    candidate     bigint,       -- the event id sequence's value when ...
+    candidate_xid bigint        -- ... the next xid was this (a FullTransactionId)
+);
+INSERT INTO notify.event_cursor DEFAULT VALUES;
+-- every pending event is above the cursor: start from the first of them (safe: DROP INDEX
+-- above waited, with its lock on notify.event, for every transaction that wrote an event,
+-- and holds off new ones until this update commits)
+UPDATE notify.event_cursor SET low_water = COALESCE((SELECT pg_catalog.min(e.id) FROM notify.event e
+                                                     WHERE e.processed_at IS NULL), 0);
+GRANT SELECT ON notify.event_cursor TO notify_admin;
+
 -- rights, as a fresh install has them (new functions included)
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
