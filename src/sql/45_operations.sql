@@ -80,10 +80,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'For example notify.purge(''30 days'').';
     END IF;
     cutoff := pg_catalog.now() - older_than;
-    DELETE FROM notify.message m
-     WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled')
-       AND coalesce(m.sent_at, m.created_at) < cutoff;
-    GET DIAGNOSTICS n_msg = ROW_COUNT;
+    -- a message's tries go with it (notify.attempt has no foreign key to cascade)
+    WITH gone AS (
+        DELETE FROM notify.message m
+         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested')
+           AND coalesce(m.sent_at, m.created_at) < cutoff
+        RETURNING m.id),
+    tries AS (DELETE FROM notify.attempt a USING gone WHERE a.message_id = gone.id)
+    SELECT pg_catalog.count(*) INTO n_msg FROM gone;
     DELETE FROM notify.event e
      WHERE e.processed_at IS NOT NULL AND e.processed_at < cutoff
        AND NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = e.id);

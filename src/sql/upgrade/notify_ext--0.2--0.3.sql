@@ -537,6 +537,38 @@ INSERT INTO notify.event_cursor DEFAULT VALUES;
 UPDATE notify.event_cursor SET low_water = COALESCE((SELECT pg_catalog.min(e.id) FROM notify.event e
                                                      WHERE e.processed_at IS NULL), 0);
 GRANT SELECT ON notify.event_cursor TO notify_admin;
+-- an attempt without a foreign key to its message (purge deletes both)
+ALTER TABLE notify.attempt DROP CONSTRAINT attempt_message_id_fkey;
+CREATE OR REPLACE FUNCTION notify.purge(older_than interval) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cutoff timestamptz;
+    n_msg  bigint;
+    n_evt  bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example notify.purge(''30 days'').';
+    END IF;
+    cutoff := pg_catalog.now() - older_than;
+    -- a message's tries go with it (notify.attempt has no foreign key to cascade)
+    WITH gone AS (
+        DELETE FROM notify.message m
+         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested')
+           AND coalesce(m.sent_at, m.created_at) < cutoff
+        RETURNING m.id),
+    tries AS (DELETE FROM notify.attempt a USING gone WHERE a.message_id = gone.id)
+    SELECT pg_catalog.count(*) INTO n_msg FROM gone;
+    DELETE FROM notify.event e
+     WHERE e.processed_at IS NOT NULL AND e.processed_at < cutoff
+       AND NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = e.id);
+    GET DIAGNOSTICS n_evt = ROW_COUNT;
+    DELETE FROM notify.attachment a
+     WHERE NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = a.event_id AND m.rule_id = a.rule_id);
+    RETURN n_msg + n_evt;
+END
+$$;
+
 
 -- rights, as a fresh install has them (new functions included)
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
