@@ -31,7 +31,9 @@
  * worker: it costs one pointer comparison per utility statement.
  *
  * COMMIT PREPARED of a transaction that wrote events wakes a worker too:
- * the transaction's own commit callback never runs for it.
+ * the transaction's own commit callback never runs for it.  DROP EXTENSION
+ * notify_ext wakes the database's workers at commit, so that they see it
+ * and leave at once rather than when they next look.
  *
  *-------------------------------------------------------------------------
  */
@@ -256,6 +258,22 @@ option_value(List *options, const char *name)
 	return NULL;
 }
 
+/* drops_our_extension: whether a DROP EXTENSION names notify_ext. */
+static bool
+drops_our_extension(DropStmt *stmt)
+{
+	ListCell   *lc;
+
+	foreach(lc, stmt->objects)
+	{
+		Node	   *obj = (Node *) lfirst(lc);
+
+		if (IsA(obj, String) && strcmp(strVal(obj), "notify_ext") == 0)
+			return true;
+	}
+	return false;
+}
+
 /*
  * notify_utility: the hook.  Looks at the statement, does what the
  * file's comment says for the few that need it, and runs it.
@@ -287,6 +305,12 @@ notify_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 				if (option_value(((AlterDatabaseStmt *) parsetree)->options, "tablespace") != NULL)
 					leave_database(((AlterDatabaseStmt *) parsetree)->dbname, false,
 								   "ALTER DATABASE ... SET TABLESPACE");
+				break;
+			case T_DropStmt:
+				/* its workers are told at commit, and leave: nothing is left to do */
+				if (((DropStmt *) parsetree)->removeType == OBJECT_EXTENSION &&
+					drops_our_extension((DropStmt *) parsetree))
+					notify_wake_worker_at_commit();
 				break;
 			case T_TransactionStmt:
 				if (((TransactionStmt *) parsetree)->kind == TRANS_STMT_COMMIT_PREPARED &&

@@ -581,7 +581,9 @@ due_at_leaving(void)
 		StartTransactionCommand();
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
-		if (SPI_execute("SELECT LEAST("
+		/* dropped meanwhile: nothing is due */
+		if (OidIsValid(get_extension_oid("notify_ext", true)) &&
+			SPI_execute("SELECT LEAST("
 						" (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m WHERE m.status = 'queued'),"
 						" (SELECT pg_catalog.min(m.lease_until) FROM notify.message m WHERE m.status = 'sending'),"
 						" (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m WHERE m.status = 'digest'),"
