@@ -420,11 +420,18 @@ start_worker(Oid dboid, const char *dbname, bool is_census)
 		db = notify_database_entry(dboid, false);
 		if (db != NULL && !is_census)
 			notify_request_worker(db);
+		notify_shared->bgworker_shortage_at = GetCurrentTimestamp();
 		LWLockRelease(notify_shared->lock);
 		log_shortage(dbname);
 		return false;
 	}
 	handles[slot] = handle;
+	if (notify_shared->bgworker_shortage_at != 0)
+	{
+		LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+		notify_shared->bgworker_shortage_at = 0;
+		LWLockRelease(notify_shared->lock);
+	}
 	return true;
 }
 

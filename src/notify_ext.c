@@ -408,6 +408,9 @@ describe_database(const NotifyDatabase *db, int slots_in_use)
 		if (db->start_after > now)
 			return psprintf("waiting: %d worker start(s) in a row failed (see the server log); next try at %s",
 							db->failures, timestamptz_to_str(db->start_after));
+		if (notify_shared->bgworker_shortage_at != 0)
+			return psprintf("waiting for a background worker slot: all max_worker_processes (%d) are in use (see the server log)",
+							max_worker_processes);
 		if (slots_in_use >= notify_max_workers)
 			return psprintf("waiting for a worker slot: notify.max_workers (%d) workers run in other databases",
 							notify_max_workers);

@@ -151,6 +151,7 @@ typedef struct NotifyShared
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
 	int			slots_wanted;	/* databases with work and no worker the launcher cannot serve */
+	TimestampTz bgworker_shortage_at;	/* a worker could not be registered (max_worker_processes); 0: fine */
 	int			ndatabases;		/* entries in databases[] (notify.max_databases) */
 	NotifyWorkerSlot workers[NOTIFY_WORKER_SLOTS];
 	NotifyRateSlot rates[NOTIFY_MAX_RATED_CHANNELS];
