@@ -13,7 +13,15 @@
  *   - pg_dump + pg_restore (into another database, or another cluster):
  *     the restore runs CREATE EXTENSION, which draws a new token into both
  *     tables, then restores notify.identity's rows: the original's token
- *     is now there too, and differs from the local one: a copy;
+ *     is now there too, and differs from the local one: a copy.  The
+ *     restore writes those rows only later, in transactions of their own,
+ *     and the first CREATE EXTENSION's commit starts a worker: so a
+ *     CREATE EXTENSION run by pg_restore (application_name) marks the
+ *     database restored at once (which also covers a dump of a version
+ *     without the identity), and a change of the identity makes running
+ *     workers look again before their next round (see worker.c,
+ *     database_changed).  A plain-format dump replayed by psql is told by
+ *     the rows alone;
  *   - CREATE DATABASE ... TEMPLATE, or a copy of the files of a database:
  *     both tables come along, but the OID they recorded is not this
  *     database's: a copy (created from a template database, it adopts

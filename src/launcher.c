@@ -426,6 +426,8 @@ start_worker(Oid dboid, const char *dbname, bool is_census)
 		return false;
 	}
 	handles[slot] = handle;
+	ereport(DEBUG1, (errmsg("notify_ext launcher: worker registered in slot %d for database \"%s\"%s",
+							slot, dbname, is_census ? " (census)" : "")));
 	if (notify_shared->bgworker_shortage_at != 0)
 	{
 		LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);

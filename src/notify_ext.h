@@ -96,6 +96,9 @@ typedef struct NotifyDatabase
 	TimestampTz start_after;	/* after failures: no start before then */
 	TimestampTz purged_at;		/* notify.retention last applied here */
 	pg_atomic_uint32 wake_pending;	/* 1: woken (or asked for) a worker that has not looked yet */
+	uint32		changes;		/* bumped when what a worker finds here may have changed
+								 * (the extension, its version, the identity): a running
+								 * worker looks again before its next round */
 	NotifySentRing sent;		/* sent by every worker of this database */
 } NotifyDatabase;
 

@@ -110,6 +110,7 @@ notify_database_entry(Oid dboid, bool create)
 	free_entry->failures = 0;
 	free_entry->start_after = 0;
 	free_entry->purged_at = 0;
+	free_entry->changes = 0;
 	memset(&free_entry->sent, 0, sizeof(free_entry->sent));
 	pg_atomic_write_u32(&free_entry->wake_pending, 0);
 	free_entry->dboid = dboid;
@@ -248,6 +249,7 @@ serve_my_database(bool all, bool changed)
 			db->state_logged = false;
 			db->failures = 0;
 			db->start_after = 0;
+			db->changes++;
 		}
 		LWLockRelease(notify_shared->lock);
 	}

@@ -96,9 +96,9 @@ static char *my_dbname = "?";
 
 static void leave_database(const char *why) pg_attribute_noreturn();
 
-/* my_database_entry: this worker's database entry (created if needed), or NULL. */
+/* find_my_database: this worker's database entry, or NULL (with create: created if needed). */
 static NotifyDatabase *
-my_database_entry(void)
+find_my_database(bool create)
 {
 	static NotifyDatabase *cached = NULL;
 	NotifyDatabase *db;
@@ -106,11 +106,22 @@ my_database_entry(void)
 	/* stable while we are connected: only a dropped database's entry is freed */
 	if (cached != NULL && cached->dboid == MyDatabaseId)
 		return cached;
-	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
-	db = notify_database_entry(MyDatabaseId, true);
+	LWLockAcquire(notify_shared->lock, create ? LW_EXCLUSIVE : LW_SHARED);
+	db = notify_database_entry(MyDatabaseId, create);
 	LWLockRelease(notify_shared->lock);
 	cached = db;
 	return db;
+}
+
+/*
+ * my_database_entry: this worker's database entry, created if needed: once
+ * the extension is found (a census worker in a database without it makes
+ * none).
+ */
+static NotifyDatabase *
+my_database_entry(void)
+{
+	return find_my_database(true);
 }
 
 /*
@@ -241,7 +252,7 @@ set_database_state(NotifyDbState state)
 static void
 listen_for_commits(void)
 {
-	NotifyDatabase *db = my_database_entry();
+	NotifyDatabase *db = find_my_database(false);
 
 	last_listen = GetCurrentTimestamp();
 	if (db != NULL)
@@ -631,11 +642,13 @@ leave_database(const char *why)
  * try_to_leave: leave if no commit came since the last round (see
  * serve_my_database in shmem.c for the other side): mark ourselves
  * exiting, then look at wake_pending; a commit that came meanwhile keeps
- * us here.  With work, the launcher is asked for a new worker instead of
- * a due time being recorded.  Returns only when we stay.
+ * us here, unless we were asked to leave (asked), when it is handed to
+ * the next worker.  With work left, the launcher is asked for a new
+ * worker instead of a due time being recorded.  Returns only when we
+ * stay.
  */
 static void
-try_to_leave(const char *why, bool work_left)
+try_to_leave(const char *why, bool work_left, bool asked)
 {
 	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
 	NotifyDatabase *db = my_database_entry();
@@ -646,10 +659,15 @@ try_to_leave(const char *why, bool work_left)
 	pg_memory_barrier();
 	if (!work_left && db != NULL && pg_atomic_read_u32(&db->wake_pending) != 0)
 	{
-		LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
-		slot->exiting = false;
-		LWLockRelease(notify_shared->lock);
-		return;
+		if (asked)
+			work_left = true;	/* it goes all the same: the commit is the next worker's */
+		else
+		{
+			LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+			slot->exiting = false;
+			LWLockRelease(notify_shared->lock);
+			return;
+		}
 	}
 	if (work_left)
 	{
@@ -858,6 +876,35 @@ no_help_needed(void)
 }
 
 /*
+ * database_changed: whether the extension or the identity may have changed
+ * since the worker last looked (CREATE EXTENSION, ALTER EXTENSION UPDATE,
+ * a restore writing notify.identity, adopt_copy(): see
+ * notify_database_changed_at_commit).  A restore runs CREATE EXTENSION and
+ * fills the tables in separate transactions: a worker started by the
+ * first must see the original's identity arrive before its next round, not
+ * at its next wake-up.
+ */
+static uint32 changes_seen = 0;
+
+static bool
+database_changed(void)
+{
+	NotifyDatabase *db = find_my_database(false);
+
+	return db != NULL && db->changes != changes_seen;
+}
+
+/* note_database_looked_at: the worker has just looked at the extension and the identity. */
+static void
+note_database_looked_at(void)
+{
+	NotifyDatabase *db = find_my_database(false);
+
+	if (db != NULL)
+		changes_seen = db->changes;
+}
+
+/*
  * run_rounds: fan out and send until a round finds less than a batch of
  * each, or the worker is asked to leave.  Returns how long the worker may
  * sleep (ms) before a queued message falls due.
@@ -877,6 +924,12 @@ run_rounds(void)
 		long		next_schedule = -1;
 
 		CHECK_FOR_INTERRUPTS();
+		/* the extension or the identity changed meanwhile: look again first */
+		if (database_changed())
+		{
+			backlog = true;
+			return 0;
+		}
 		pin_search_path(false);
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
@@ -934,16 +987,16 @@ leave_if_done(long sleep_ms, bool census)
 	long		idle_ms;
 
 	if (notify_worker_stop_requested() || database_leaving())
-		try_to_leave("asked to leave", backlog);
+		try_to_leave("asked to leave", backlog, true);
 	if (backlog)
 		return 0;
 	no_help_needed();
 	if (census || notify_shared->slots_wanted > 0)
-		try_to_leave(census ? "census: nothing to do" : "a slot is wanted for another database", false);
+		try_to_leave(census ? "census: nothing to do" : "a slot is wanted for another database", false, false);
 	idle_ms = (long) ((now - last_work_at) / 1000);
 	if (idle_ms >= notify_worker_idle_timeout)
 	{
-		try_to_leave("idle", false);
+		try_to_leave("idle", false, false);
 		return 0;				/* a commit kept us: its round, now */
 	}
 	return Min(sleep_ms, notify_worker_idle_timeout - idle_ms + 1);
@@ -970,7 +1023,11 @@ notify_worker_main(Datum main_arg)
 
 	memcpy(&generation, MyBgworkerEntry->bgw_extra, sizeof(generation));
 	if (!take_slot(DatumGetInt32(main_arg), generation))
-		proc_exit(0);			/* not the start the launcher meant (it restarted meanwhile) */
+	{
+		/* not the start the launcher meant (it restarted meanwhile) */
+		ereport(DEBUG1, (errmsg("notify_ext worker: slot %d is not this worker's any more", DatumGetInt32(main_arg))));
+		proc_exit(0);
+	}
 	notify_worker_slot = DatumGetInt32(main_arg);
 	dboid = notify_shared->workers[notify_worker_slot].dboid;
 	census = notify_shared->workers[notify_worker_slot].census;
@@ -1032,6 +1089,7 @@ notify_worker_main(Datum main_arg)
 			 * At every wake-up (once per burst of commits, not per commit): a
 			 * round against a dropped extension would only fail.
 			 */
+			note_database_looked_at();
 			est = extension_state(version, sizeof(version));
 			if (est == EXT_OTHER_VERSION)
 			{
@@ -1180,7 +1238,7 @@ notify_worker_main(Datum main_arg)
 		if (ready)
 			sleep_ms = leave_if_done(sleep_ms, census);
 		else if (notify_worker_stop_requested() || database_leaving())
-			try_to_leave("asked to leave", true);
+			try_to_leave("asked to leave", true, true);
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

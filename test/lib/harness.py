@@ -62,7 +62,9 @@ class Cluster:
             "unix_socket_directories": f"'{self.sock}'",
             "shared_preload_libraries": "'notify_ext'",
             "fsync": "off",
-            "log_min_messages": "warning",   # "log" would hide ERRORs (LOG ranks above ERROR there)
+            # "log" would hide ERRORs (LOG ranks above ERROR there); NOTIFY_LOG_MIN_MESSAGES=debug1
+            # shows the workers coming and going
+            "log_min_messages": os.environ.get("NOTIFY_LOG_MIN_MESSAGES", "warning"),
             "log_line_prefix": "'%m [%p] %b '",
         }
         conf.update(settings or {})

@@ -274,7 +274,9 @@ ALTER TABLE notify.event DROP CONSTRAINT event_status_check,
  * notify.identity is dumped by pg_dump, notify.identity_local is not: a
  * restored database holds its own token in the second and the original's
  * in the first; a database copied with CREATE DATABASE ... TEMPLATE holds
- * the original's OID in both.
+ * the original's OID in both.  A CREATE EXTENSION run by pg_restore marks
+ * the database restored from the start: the original's identity comes
+ * only later in the restore, and a dump of 0.2 or older has none.
  */
 CREATE TABLE notify.identity (
     token         text PRIMARY KEY,
@@ -286,20 +288,45 @@ CREATE TABLE notify.identity_local (
     token         text PRIMARY KEY,
     database_oid  oid NOT NULL,
     database_name name NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- CREATE EXTENSION ran in pg_restore: a copy, whatever the dump carries (see _identity)
+    restored      boolean NOT NULL DEFAULT false
 );
+
+-- At commit: the workers' last word on this database is forgotten, and one looks again.
+CREATE FUNCTION notify._database_changed() RETURNS void
+    LANGUAGE c AS 'MODULE_PATHNAME', 'notify_database_changed';
 
 -- 12 random hexadecimal digits (pg_strong_random)
 CREATE FUNCTION notify._new_token() RETURNS text
     LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'notify_new_token';
 
-INSERT INTO notify.identity_local (token, database_oid, database_name)
-SELECT notify._new_token(), d.oid, d.datname
+INSERT INTO notify.identity_local (token, database_oid, database_name, restored)
+SELECT notify._new_token(), d.oid, d.datname,
+       pg_catalog.current_setting('application_name') OPERATOR(pg_catalog.=) 'pg_restore'
   FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
-INSERT INTO notify.identity SELECT * FROM notify.identity_local;
+INSERT INTO notify.identity (token, database_oid, database_name, created_at)
+SELECT token, database_oid, database_name, created_at FROM notify.identity_local;
 
 -- the identity goes with a dump: a restored database knows what it was restored from
 SELECT pg_catalog.pg_extension_config_dump('notify.identity', '');
+
+/*
+ * A worker looks at the identity again when it changes: a restore runs
+ * CREATE EXTENSION (whose commit starts a worker) and only later, in
+ * transactions of its own, writes the original's identity back.
+ */
+CREATE FUNCTION notify._identity_changed() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM notify._database_changed();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER identity_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON notify.identity
+    FOR EACH STATEMENT EXECUTE FUNCTION notify._identity_changed();
+CREATE TRIGGER identity_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON notify.identity_local
+    FOR EACH STATEMENT EXECUTE FUNCTION notify._identity_changed();
 
 -- Workers' numbers in this database (notify.message.claimed_by); they only grow.
 CREATE SEQUENCE notify.worker_seq AS integer;
@@ -323,19 +350,17 @@ CREATE FUNCTION notify._identity(OUT token text, OUT copy_reason text, OUT sourc
                     pg_catalog.format('it was restored from a dump of database %s (pg_dump, pg_restore)',
                                       (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(i.database_name), ', ')
                                          FROM notify.identity i WHERE i.token OPERATOR(pg_catalog.<>) l.token))
+                WHEN l.restored THEN
+                    'it was restored with pg_restore (its extension was created by the restore)'
            END,
            coalesce((SELECT s.datistemplate FROM pg_catalog.pg_database s
                       WHERE s.oid OPERATOR(pg_catalog.=) l.database_oid
                         AND l.database_oid OPERATOR(pg_catalog.<>) d.oid), false)
       FROM pg_catalog.pg_database d
-      LEFT JOIN LATERAL (SELECT x.token, x.database_oid, x.database_name FROM notify.identity_local x
+      LEFT JOIN LATERAL (SELECT x.token, x.database_oid, x.database_name, x.restored FROM notify.identity_local x
                           ORDER BY x.created_at DESC LIMIT 1) l ON true
      WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
 $$;
-
--- At commit: the workers' last word on this database is forgotten, and one looks again.
-CREATE FUNCTION notify._database_changed() RETURNS void
-    LANGUAGE c AS 'MODULE_PATHNAME', 'notify_database_changed';
 
 /*
  * A copy (see _identity) sends nothing until it is adopted.  What it
@@ -388,7 +413,8 @@ BEGIN
     INSERT INTO notify.identity_local (token, database_oid, database_name)
     SELECT tok, d.oid, d.datname
       FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
-    INSERT INTO notify.identity SELECT * FROM notify.identity_local;
+    INSERT INTO notify.identity (token, database_oid, database_name, created_at)
+    SELECT x.token, x.database_oid, x.database_name, x.created_at FROM notify.identity_local x;
     PERFORM notify._database_changed();
     RETURN pg_catalog.format('database %s adopted (%s); its new token is %s, and what is captured from now on is sent; ',
                              dbname, reason, tok)
