@@ -809,10 +809,11 @@ run_schedules_if_due(long *next_ms)
 
 /*
  * ask_for_help: the queue has more due than this worker takes at once:
- * ask the launcher for as many workers as there are due messages, up to
- * notify.workers (each sends one message at a time: a slow server is
- * waited for in parallel).  Looked at after a fan-out that made messages
- * and after a full claim, at most every 100 ms.
+ * ask the launcher for a worker per two due messages, up to notify.workers
+ * (each sends one message at a time, so a slow server is waited for in
+ * parallel; starting a process costs about as much as sending two messages
+ * to a relay nearby, so two do not get a second one).  Looked at after a
+ * fan-out that made messages and after a full claim, at most every 100 ms.
  */
 static void
 ask_for_help(void)
@@ -835,6 +836,7 @@ ask_for_help(void)
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	arg = Int32GetDatum(notify_workers * 2);
 	if (SPI_execute_with_args("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM notify.message m"
 							  " WHERE m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now() LIMIT $1) q",
 							  1, &argtype, &arg, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
@@ -849,7 +851,7 @@ ask_for_help(void)
 		if (notify_shared->workers[i].in_use && notify_shared->workers[i].dboid == MyDatabaseId &&
 			!notify_shared->workers[i].stop && !notify_shared->workers[i].exited)
 			running++;
-	wanted = (int) Min((int64) notify_workers, Max(due, 1));
+	wanted = (int) Min((int64) notify_workers, Max((due + 1) / 2, 1));
 	if (db->dboid == MyDatabaseId)
 	{
 		db->workers_wanted = wanted;
