@@ -390,7 +390,7 @@ static List *
 claim_messages(int batch_size)
 {
 	Datum		args[4] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease),
-	Int32GetDatum(notify_worker_slot), Int32GetDatum(notify_workers)};
+	Int32GetDatum(notify_worker_id), Int32GetDatum(notify_workers)};
 	uint64		n;
 	List	   *claimed = NIL;
 	int			nestlevel;
@@ -571,6 +571,7 @@ record_results(List *claimed)
 	ArrayArg	r[RECORD_NARGS - 1];
 	Datum		args[RECORD_NARGS];
 	int			ret;
+	int			nsent = 0;
 
 	array_arg_init(&r[0], INT8OID, size);	/* id */
 	array_arg_init(&r[1], TEXTOID, size);	/* status */
@@ -618,6 +619,7 @@ record_results(List *claimed)
 			{
 				case SEND_SENT:
 					status = outcome = "sent";
+					nsent++;
 					break;
 				case SEND_FAILED:
 					status = outcome = "failed";
@@ -649,6 +651,7 @@ record_results(List *claimed)
 	}
 	if (r[0].n == 0)
 		return;
+	notify_count_sent(nsent);
 
 	for (int i = 0; i < RECORD_NARGS - 1; i++)
 		args[i] = array_arg_datum(&r[i]);
@@ -948,7 +951,10 @@ start_message(ClaimedMessage *m)
 			return false;		/* the worker stops: left to reclaim_orphans, as above */
 	}
 	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m->out.id))
+	{
+		notify_set_worker_message(m->out.id, m->channel);
 		return true;
+	}
 	m->finished = GetCurrentTimestamp();
 	m->tried = true;
 	note_outcome(m);
@@ -1019,7 +1025,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 			SendResult	done_result;
 
 			/* fill the free connections; a worker asked to stop starts nothing new */
-			while (next != NULL && !ProcDiePending && smtp_pool_active(pool) < 1)
+			while (next != NULL && !ProcDiePending && !notify_worker_stop_requested() &&
+				   smtp_pool_active(pool) < 1)
 			{
 				ClaimedMessage *m = (ClaimedMessage *) lfirst(next);
 
@@ -1027,7 +1034,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 				if (!start_message(m))
 					unrecorded++;
 			}
-			if (smtp_pool_active(pool) == 0 && (next == NULL || ProcDiePending))
+			if (smtp_pool_active(pool) == 0 &&
+				(next == NULL || ProcDiePending || notify_worker_stop_requested()))
 				break;
 
 			if (smtp_pool_next_done(pool, 1000, &done_id, &done_result))

@@ -552,8 +552,12 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	appendStringInfo(headers, "From: %s\r\n", from_header);
 	appendStringInfo(headers, "To: %s\r\n", to_header);
 	appendStringInfo(headers, "Subject: %s\r\n", subject);
+	/* the database's token makes it unique across databases and clusters (identity.c) */
 	appendStringInfo(headers, "Message-ID: %s\r\n",
-					 mime_message_id(msg->id_kind ? msg->id_kind : "notify.message", msg->id, mime_domain_of(client->cfg.from_address),
+					 mime_message_id(notify_database_token()[0]
+									 ? psprintf("%s.%s", msg->id_kind ? msg->id_kind : "notify.message", notify_database_token())
+									 : (msg->id_kind ? msg->id_kind : "notify.message"),
+									 msg->id, mime_domain_of(client->cfg.from_address),
 									 idbuf, sizeof(idbuf)));
 	/* RFC 3834: tells auto-responders not to answer a machine */
 	appendStringInfoString(headers, "Auto-Submitted: auto-generated\r\n");

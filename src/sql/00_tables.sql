@@ -2,11 +2,11 @@
 \echo Use "CREATE EXTENSION notify_ext" to load this file. \quit
 
 /*
- * The extension only makes sense in the database the worker connects to
- * (notify.database): anywhere else events would be captured and never sent.
- * The check runs in C because only the library knows the setting's value
- * even before it is preloaded; it also wakes the worker, which may be
- * waiting for this very CREATE EXTENSION.
+ * The extension only makes sense in a database the workers serve
+ * (notify.database, by default every database): anywhere else events would
+ * be captured and never sent.  The check runs in C because only the
+ * library knows the setting's value even before it is preloaded; at commit
+ * it also has a worker look at this database at once.
  */
 CREATE FUNCTION notify._check_database() RETURNS void
     LANGUAGE c AS 'MODULE_PATHNAME', 'notify_check_database';
@@ -56,7 +56,7 @@ CREATE TABLE notify.event (
     occurred_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     processed_at timestamptz,
     status      text NOT NULL DEFAULT 'pending'
-                CHECK (status IN ('pending', 'done', 'failed')),
+                CHECK (status IN ('pending', 'done', 'failed', 'cancelled')),  -- cancelled: see adopt_copy
     last_error  text
 );
 
@@ -185,7 +185,7 @@ CREATE TABLE notify.message (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     next_attempt_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     lease_until     timestamptz,
-    claimed_by      integer,        -- the worker (slot) holding it while 'sending'
+    claimed_by      integer,        -- the worker holding it while 'sending' (its number, notify.worker_seq)
     sent_at         timestamptz,
     last_error      text,
     smtp_response   text

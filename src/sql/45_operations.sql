@@ -3,10 +3,6 @@
 CREATE FUNCTION notify._wake_worker() RETURNS void
     LANGUAGE c AS 'MODULE_PATHNAME', 'notify_wake';
 
-CREATE FUNCTION notify._worker_shmem(OUT worker integer, OUT pid integer, OUT state text,
-                                     OUT last_error text)
-    RETURNS SETOF record LANGUAGE c AS 'MODULE_PATHNAME', 'notify_worker_shmem';
-
 -- The status of a message, locked for the caller's change; an unknown id is an error.
 CREATE FUNCTION notify._lock_message(message_id bigint) RETURNS text
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -96,17 +92,4 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = a.event_id AND m.rule_id = a.rule_id);
     RETURN n_msg + n_evt;
 END
-$$;
-
-CREATE FUNCTION notify.worker_status()
-    RETURNS TABLE (pid integer, state text, queued bigint, sending bigint,
-                   sent_last_minute bigint, last_error text, worker integer)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT w.pid, w.state,
-           (SELECT count(*) FROM notify.message m WHERE m.status = 'queued'),
-           (SELECT count(*) FROM notify.message m WHERE m.status = 'sending'),
-           (SELECT count(*) FROM notify.message m
-             WHERE m.status = 'sent' AND m.sent_at > pg_catalog.now() - interval '1 minute'),
-           w.last_error, w.worker
-      FROM notify._worker_shmem() w
 $$;
