@@ -85,9 +85,15 @@ struct SmtpClient
 
 typedef struct SmtpClient SmtpClient;
 
+/* host:port a pool keeps connections to, with the settings that opened them */
+#define SMTP_POOL_OWNERS 16
+
 struct SmtpPool
 {
 	CURLM	   *multi;
+	int			nowners;
+	char	   *owner_host[SMTP_POOL_OWNERS];	/* "host:port", in TopMemoryContext */
+	char	   *owner_key[SMTP_POOL_OWNERS];	/* the TLS settings its connections were opened with */
 	int			nclients;
 	SmtpClient *clients[SMTP_POOL_MAX];
 	int			active;
@@ -746,6 +752,80 @@ smtp_pool_create(void)
 	return pool;
 }
 
+/*
+ * connection_host: "host:port" of an smtp:// or smtps:// URL, the port
+ * made explicit (libcurl keeps one bundle of connections per host and port).
+ */
+static char *
+connection_host(const char *url)
+{
+	const char *p = strstr(url, "://");
+	bool		smtps = pg_strncasecmp(url, "smtps", 5) == 0;
+	size_t		len;
+	char	   *host;
+
+	p = p ? p + 3 : url;
+	len = strcspn(p, "/?#");
+	host = pnstrdup(p, len);
+	for (char *c = host; *c; c++)
+		*c = pg_tolower((unsigned char) *c);
+	/* no port ("host", "[::1]"): the scheme's */
+	if (strrchr(host, ':') == NULL || (host[0] == '[' && host[len - 1] == ']'))
+		host = psprintf("%s:%d", host, smtps ? 465 : 25);
+	return host;
+}
+
+/*
+ * pool_may_reuse: may this transfer use (and leave) a connection the pool
+ * keeps?  libcurl reuses a cached connection to the same host and port with
+ * the same login, but for smtp:// with STARTTLS it does not compare the TLS
+ * settings: a channel with tls 'verify' could send over a connection another
+ * channel to the same relay opened with 'require' (no certificate check), or
+ * one opened before notify.tls_ca_file changed.  So each host:port belongs to
+ * the settings that first used it: a transfer with other settings gets a
+ * connection of its own, closed after it; or, when nothing is in flight,
+ * the pool's cached connections are closed and the host:port is its.
+ */
+static bool
+pool_may_reuse(SmtpPool *pool, const SmtpConfig *cfg)
+{
+	char	   *host = connection_host(cfg->url);
+	char	   *key = psprintf("%s\n%s\n%s\n%s", pg_strncasecmp(cfg->url, "smtps", 5) == 0 ? "smtps" : "smtp",
+							   cfg->tls ? cfg->tls : "", cfg->username ? cfg->username : "",
+							   (notify_tls_ca_file && notify_tls_ca_file[0]) ? notify_tls_ca_file : "");
+	int			i;
+
+	for (i = 0; i < pool->nowners; i++)
+		if (strcmp(pool->owner_host[i], host) == 0)
+			break;
+	if (i < pool->nowners && strcmp(pool->owner_key[i], key) == 0)
+		return true;
+	if (i < pool->nowners)
+	{
+		if (pool->active > 0)
+			return false;
+		/* nothing in flight: close what is cached, and start afresh */
+		curl_multi_cleanup(pool->multi);
+		pool->multi = curl_multi_init();
+		if (pool->multi == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("notify_ext: could not create a libcurl multi handle")));
+		for (int j = 0; j < pool->nowners; j++)
+		{
+			pfree(pool->owner_host[j]);
+			pfree(pool->owner_key[j]);
+		}
+		pool->nowners = 0;
+	}
+	if (pool->nowners == SMTP_POOL_OWNERS)
+		return false;
+	pool->owner_host[pool->nowners] = MemoryContextStrdup(TopMemoryContext, host);
+	pool->owner_key[pool->nowners] = MemoryContextStrdup(TopMemoryContext, key);
+	pool->nowners++;
+	return true;
+}
+
 /* smtp_pool_destroy: abandon transfers, close every connection. */
 void
 smtp_pool_destroy(SmtpPool *pool)
@@ -757,6 +837,11 @@ smtp_pool_destroy(SmtpPool *pool)
 	curl_multi_cleanup(pool->multi);
 	for (int i = 0; i < pool->nclients; i++)
 		client_destroy(pool->clients[i]);
+	for (int i = 0; i < pool->nowners; i++)
+	{
+		pfree(pool->owner_host[i]);
+		pfree(pool->owner_key[i]);
+	}
 	pfree(pool);
 }
 
@@ -793,6 +878,7 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 {
 	SmtpClient *client = NULL;
 	CURLMcode	mc;
+	bool		reuse;
 
 	for (int i = 0; i < pool->nclients; i++)
 		if (!pool->clients[i]->busy)
@@ -819,6 +905,10 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 		*result = client->result;
 		return false;
 	}
+	/* a connection opened with other TLS settings is never this transfer's (see pool_may_reuse) */
+	reuse = pool_may_reuse(pool, &client->cfg);
+	curl_easy_setopt(client->curl, CURLOPT_FRESH_CONNECT, reuse ? 0L : 1L);
+	curl_easy_setopt(client->curl, CURLOPT_FORBID_REUSE, reuse ? 0L : 1L);
 	/* idle connections kept open: one per channel, for a few channels */
 	curl_multi_setopt(pool->multi, CURLMOPT_MAXCONNECTS, (long) SMTP_POOL_IDLE_CONNECTIONS);
 	mc = curl_multi_add_handle(pool->multi, client->curl);

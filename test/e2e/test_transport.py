@@ -95,6 +95,30 @@ def test_verify_refuses_a_certificate_it_cannot_trust(db, starttls_server, uniq)
     db.execute("SELECT notify.cancel(m.id) FROM notify.message m WHERE m.event_type = %s", (etype,))
 
 
+def test_verify_never_rides_on_a_connection_opened_without_verification(db, cluster, starttls_server, uniq):
+    """Two channels to the same relay, the same login: 'require' (no certificate check) and
+    'verify' (the relay's CA not trusted).  libcurl would reuse the connection the first left
+    open for the second (it does not compare TLS settings for STARTTLS): the 'verify' channel's
+    mail would go over a session whose certificate nobody checked.  It must not be sent."""
+    handler, port = starttls_server
+    set_guc(cluster, db, "notify.workers", "1")     # one worker: one pool, one connection cache
+    try:
+        e_req = channel_rule(db, f"{uniq}r", f"smtp://127.0.0.1:{port}", "require", f"r{uniq}@example.com")
+        e_ver = channel_rule(db, f"{uniq}v", f"smtp://127.0.0.1:{port}", "verify", f"v{uniq}@example.com")
+        db.execute("SELECT notify.emit(%s, '{\"n\": 1}')", (e_req,))
+        wait_until(lambda: handler.mails, timeout=15, what="the 'require' channel's mail")
+        db.execute("SELECT notify.emit(%s, '{\"n\": 2}')", (e_ver,))
+        row = wait_until(lambda: (r := log_row(db, e_ver)) and (r[2] or r[0] == "sent") and r, timeout=15,
+                         what="the 'verify' channel's outcome")
+        time.sleep(1)
+        print(row, handler.mails)
+        assert handler.mails == [([f"r{uniq}@example.com"], True, True)], "the 'verify' mail went out unverified"
+        assert row[0] == "queued" and "certificate" in row[2].lower(), row
+        db.execute("SELECT notify.cancel(m.id) FROM notify.message m WHERE m.event_type = %s", (e_ver,))
+    finally:
+        set_guc(cluster, db, "notify.workers", None)
+
+
 def test_require_sends_to_a_self_signed_server_over_smtps(db, ca, uniq):
     handler = _TlsRecorder()
     port = free_port()

@@ -173,10 +173,23 @@ def test_real_postfix_stopped_and_started_mid_run():
               f"{t_start - t_stop:.0f} s; channel meanwhile: {failing[0]} ({failing[2]!r}); all {n} there "
               f"{time.monotonic() - t_start:.1f} s after the start; {len(mails)} mails, duplicates by "
               f"Message-ID {dup_mid}; messages {st}")
+        # which side sent each duplicate: notify_ext (a message it tried more than once, one
+        # transfer in flight per worker when Postfix stopped) or Postfix itself (delivered to
+        # the final server, stopped before it noted it, delivered again after the start: at most
+        # its destination concurrency, 20 by default)
+        tries = dict(db.execute(
+            "SELECT (e.row->>'n')::int, count(*) FILTER (WHERE a.outcome <> 'channel') "
+            "FROM notify.message m JOIN notify.event e ON e.id = m.event_id "
+            "LEFT JOIN notify.attempt a ON a.message_id = m.id GROUP BY 1").fetchall())
+        counts = Counter(numbers(mails, "m"))
+        dup_numbers = [k for k, c in counts.items() if c > 1]
+        ours = [k for k in dup_numbers if tries.get(k, 0) > 1]
+        print(f"[postfix] duplicated messages {sorted(dup_numbers)}: tried more than once by notify_ext "
+              f"{sorted(ours)}, the rest delivered twice by Postfix")
         assert failing[0] == "failing"
         assert len(distinct) == n and not split
-        # a duplicate can only be a message Postfix had accepted when it was stopped
-        assert dup_mid <= 8, f"{dup_mid} duplicates"
+        assert len(ours) <= 4, f"{len(ours)} messages sent twice by notify_ext (4 workers)"
+        assert dup_mid <= 4 + 20, f"{dup_mid} duplicates"
     finally:
         cluster.destroy()
         postfix.destroy()
