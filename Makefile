@@ -27,7 +27,10 @@ OBJS = \
 	src/webhook.o \
 	src/spi_util.o \
 	src/template.o \
-	src/mime.o
+	src/mime.o \
+	src/bounce.o \
+	src/dsn.o \
+	src/imap.o
 
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql

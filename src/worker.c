@@ -414,8 +414,10 @@ run_rounds(void)
 		int			events;
 		int			sent;
 		int			scheduled;
+		int			bounces;
 		long		next_due = -1;
 		long		next_schedule = -1;
+		long		next_bounce = -1;
 
 		CHECK_FOR_INTERRUPTS();
 		pin_search_path(false);
@@ -431,6 +433,9 @@ run_rounds(void)
 		MemoryContextSwitchTo(round_cxt);
 		/* schedules go after sending: a report's events are fanned out next round */
 		scheduled = run_schedules_if_due(&next_schedule);
+		MemoryContextSwitchTo(round_cxt);
+		/* the bounce mailbox, outside the send path: nothing is claimed now */
+		bounces = bounce_poll_if_due(&next_bounce);
 		MemoryContextSwitchTo(TopMemoryContext);
 
 		sleep_ms = notify_poll_interval;
@@ -438,7 +443,9 @@ run_rounds(void)
 			sleep_ms = Min(sleep_ms, next_due);
 		if (next_schedule >= 0)
 			sleep_ms = Min(sleep_ms, next_schedule);
-		if (scheduled > 0)
+		if (next_bounce >= 0)
+			sleep_ms = Min(sleep_ms, next_bounce);
+		if (scheduled > 0 || bounces > 0)
 			sleep_ms = 0;
 		if (events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0)
 			break;
