@@ -38,7 +38,7 @@ DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = src/sql/upgrade/$(EXTENSION)--0.1.sql src/sql/upgrade/$(EXTENSION)--0.1--0.2.sql \
 	src/sql/upgrade/$(EXTENSION)--0.2.sql src/sql/upgrade/$(EXTENSION)--0.2--0.3.sql
 
-REGRESS = setup capture templates rules channels directory schedules security
+REGRESS = setup capture templates rules channels directory schedules security bounces
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)
 
 # -Wno-unused-parameter: PostgreSQL's own headers (bufpage.h inlines) and fmgr callbacks trip it

@@ -65,6 +65,14 @@ PG_FUNCTION_INFO_V1(notify_check_bounces);
 #define BOUNCE_BATCH_BYTES (16 * 1024 * 1024)
 /* Mails one read of a mailbox examines at most; the rest wait for the next (soon). */
 #define BOUNCE_MAX_PER_READ 500
+/*
+ * A worker that takes a mailbox pushes its next read this far (beyond the
+ * interval) first: the other workers leave it alone while this one reads,
+ * however long the server takes (a silent server holds a read for the
+ * connect timeout); the read's end sets the real next one.  A worker that
+ * dies in the middle leaves the mailbox to the others after this.
+ */
+#define BOUNCE_READ_LEASE_S 600
 /* A worker looks for a due mailbox at most this often (a new mailbox is read within it). */
 #define BOUNCE_RECHECK_MS 1000
 /* The longest text kept of a diagnostic, a header or an error. */
@@ -122,7 +130,6 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr next_plan = NULL;
 static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr works_plan = NULL;
-static SPIPlanPtr again_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr exists_plan = NULL;
 static SPIPlanPtr suppressed_plan = NULL;
@@ -191,10 +198,10 @@ prepare_plans(void)
 
 	/*
 	 * A worker takes one due mailbox: its next read is pushed by the
-	 * interval first, so that the other workers leave it alone until then
-	 * (a read that takes longer than that is bounded by BOUNCE_MAX_PER_READ
-	 * and the IMAP timeouts; two readers at once would still process each
-	 * mail once, by bounce_mail's key).
+	 * interval and BOUNCE_READ_LEASE_S first, so that the other workers
+	 * leave it alone while it is read (two readers at once would still
+	 * process each mail once, by bounce_mail's key, but both would be held
+	 * by a server that does not answer).
 	 */
 	claim_plan = notify_keep_plan(
 						   "UPDATE notify.bounce_mailbox b"
@@ -212,29 +219,28 @@ prepare_plans(void)
 						  0, NULL);
 
 	/*
-	 * The mailbox could (not) be read: the row is locked first, in the
-	 * subquery, so that the state it had is read under the lock (of two
-	 * readers, one logs the transition).
+	 * The mailbox could (not) be read, and its next read is due in $2
+	 * seconds (the interval; 0 when more mail waits).  The row is locked
+	 * first, in the subquery, so that the state it had is read under the
+	 * lock (of two readers, one logs the transition).
 	 */
 	failed_plan = notify_keep_plan(
-							"UPDATE notify.bounce_mailbox b SET state = 'failing', last_error = $2,"
+							"UPDATE notify.bounce_mailbox b SET state = 'failing', last_error = $3,"
 							"       failing_since = CASE WHEN old.state = 'ok' THEN pg_catalog.now() ELSE b.failing_since END,"
-							"       last_checked_at = pg_catalog.now()"
+							"       last_checked_at = pg_catalog.now(),"
+							"       next_check_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
 							"  FROM (SELECT x.state FROM notify.bounce_mailbox x WHERE x.channel = $1 FOR UPDATE) old"
 							" WHERE b.channel = $1 RETURNING old.state",
-							2, (Oid[]) {TEXTOID, TEXTOID});
+							3, (Oid[]) {TEXTOID, FLOAT8OID, TEXTOID});
 	works_plan = notify_keep_plan(
 						   "UPDATE notify.bounce_mailbox b SET state = 'ok', last_error = NULL, failing_since = NULL,"
-						   "       last_checked_at = pg_catalog.now()"
+						   "       last_checked_at = pg_catalog.now(),"
+						   "       next_check_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
 						   "  FROM (SELECT x.state, x.failing_since FROM notify.bounce_mailbox x"
 						   "         WHERE x.channel = $1 FOR UPDATE) old"
 						   " WHERE b.channel = $1"
 						   " RETURNING old.state, pg_catalog.date_part('epoch', pg_catalog.now() - old.failing_since)",
-						   1, text_t);
-	/* more mail than one read takes: the next read is due now */
-	again_plan = notify_keep_plan(
-						   "UPDATE notify.bounce_mailbox b SET next_check_at = pg_catalog.now() WHERE b.channel = $1",
-						   1, text_t);
+						   2, (Oid[]) {TEXTOID, FLOAT8OID});
 	lock_plan = notify_keep_plan(
 						  "SELECT b.channel, b.url, b.username, s.password, b.tls, b.leave_unseen"
 						  "  FROM notify.bounce_mailbox b"
@@ -896,10 +902,25 @@ examine_batch(const Mailbox *mb, uint32 uidvalidity, BounceMail *mails, int n)
 
 /* -- the IMAP side -------------------------------------------------------------- */
 
-/* imap_abort: a stopping worker, or a cancelled check_bounces(), gives up at once. */
+/* Set when a worker's read passed a commit's wake-up on (once per read). */
+static bool wakeup_passed_on = false;
+
+/*
+ * imap_abort: polled at least every 100 ms while a session waits for the
+ * server.  A stopping worker, or a cancelled check_bounces(), gives up at
+ * once.  A worker whose latch a commit set while it reads (every worker
+ * was busy, so the commit chose one of them) passes the wake-up on to the
+ * others: a server that takes its time must not hold the mail it is woken
+ * for.
+ */
 static int
 imap_abort(void *arg)
 {
+	if (notify_worker_slot >= 0 && !wakeup_passed_on && MyLatch->is_set)
+	{
+		wakeup_passed_on = true;
+		notify_wake_workers_except(notify_worker_slot);
+	}
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }
 
@@ -1052,7 +1073,7 @@ say_after_commit(BounceMail *mails, int n)
 
 /* flag_seen: flag these mails \Seen (their records are committed); false when the session broke. */
 static bool
-flag_seen(ImapSession *session, const uint32 *uids, int n, const char *channel)
+flag_seen(ImapSession *session, const uint32 *uids, int n)
 {
 	for (int i = 0; i < n; i++)
 	{
@@ -1095,15 +1116,24 @@ end_work(MemoryContext cxt)
 	MemoryContextSwitchTo(cxt);
 }
 
+/* What one read of a mailbox did (in memory: it outlives a longjmp). */
+typedef struct ReadResult
+{
+	int			examined;
+	char	   *error;			/* why the mailbox could not be read; NULL */
+	bool		more;			/* more mail waits than one read takes */
+} ReadResult;
+
 /*
- * record_state: whether the mailbox could be read (error NULL) or not, in
- * a transaction of its own; the transition, and only it, is logged once
- * committed.
+ * record_state: whether the mailbox could be read (error NULL) or not,
+ * and when it is read next, in a transaction of its own; the transition,
+ * and only it, is logged once committed.
  */
 static void
-record_state(const Mailbox *mb, const char *error, MemoryContext cxt)
+record_state(const Mailbox *mb, const ReadResult *res, MemoryContext cxt)
 {
-	Datum		args[2];
+	const char *error = res->error;
+	Datum		args[3];
 	char	   *was = NULL;
 	double		failed_for = 0;
 	uint64		n;
@@ -1111,9 +1141,10 @@ record_state(const Mailbox *mb, const char *error, MemoryContext cxt)
 	begin_work("notify_ext: recording a bounce mailbox's state");
 	MemoryContextSwitchTo(cxt);
 	args[0] = CStringGetTextDatum(mb->channel);
+	args[1] = Float8GetDatum(res->more ? 0.0 : (double) notify_bounce_poll_interval);
 	if (error != NULL)
 	{
-		args[1] = CStringGetTextDatum(error);
+		args[2] = CStringGetTextDatum(error);
 		n = notify_run_plan(failed_plan, args, NULL, false, 0, SPI_OK_UPDATE_RETURNING,
 							"recording a failing bounce mailbox");
 	}
@@ -1152,23 +1183,21 @@ record_state(const Mailbox *mb, const char *error, MemoryContext cxt)
  * read_claimed_mailbox: one read of a mailbox the worker took, in
  * transactions of its own: list (one short transaction), then per batch:
  * fetch (no transaction), examine (one transaction), flag what it
- * recorded.  Returns the mails examined; *error says why it stopped when
- * the mailbox failed.
+ * recorded.  *res says what it did; res->error why it stopped when the
+ * mailbox failed.
  */
-static int
-read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, char **error)
+static void
+read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, ReadResult *res)
 {
 	char		err[512];
 	ImapSession *volatile session = NULL;
-	volatile int examined = 0;
 
-	*error = NULL;
 	err[0] = '\0';
 	session = open_mailbox(mb, err, sizeof(err));
 	if (session == NULL)
 	{
-		*error = pstrdup(err);
-		return 0;
+		res->error = pstrdup(err);
+		return;
 	}
 	PG_TRY();
 	{
@@ -1182,7 +1211,7 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, char **error)
 		st = unseen_to_examine(session, mb, &todo, &flag, err, sizeof(err));
 		end_work(cxt);
 		if (st != IMAP_OK)
-			*error = pstrdup(err);
+			res->error = pstrdup(err);
 		else if (flag != NIL)
 		{
 			uint32	   *uids = palloc(sizeof(uint32) * list_length(flag));
@@ -1191,10 +1220,10 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, char **error)
 
 			foreach(lc, flag)
 				uids[k++] = (uint32) lfirst_int(lc);
-			if (!flag_seen(session, uids, k, mb->channel))
-				*error = pstrdup("store: the connection was lost");
+			if (!flag_seen(session, uids, k))
+				res->error = pstrdup("store: the connection was lost");
 		}
-		while (*error == NULL && todo != NIL && examined < BOUNCE_MAX_PER_READ)
+		while (res->error == NULL && todo != NIL && res->examined < BOUNCE_MAX_PER_READ)
 		{
 			BounceMail *mails;
 			int			n;
@@ -1203,37 +1232,29 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, char **error)
 
 			CHECK_FOR_INTERRUPTS();
 			if (fetch_mails(session, &todo, &mails, &n, err, sizeof(err)) != IMAP_OK)
-				*error = pstrdup(err);
+				res->error = pstrdup(err);
 			if (n == 0)
 				break;
 			begin_work("notify_ext: examining bounce mails");
 			MemoryContextSwitchTo(cxt);
-			examined += examine_batch(mb, uidvalidity, mails, n);
+			res->examined += examine_batch(mb, uidvalidity, mails, n);
 			end_work(cxt);
 			say_after_commit(mails, n);
 			uids = palloc(sizeof(uint32) * n);
 			for (int i = 0; i < n; i++)
 				if (mails[i].flag_seen)
 					uids[k++] = mails[i].uid;
-			if (*error == NULL && !flag_seen(session, uids, k, mb->channel))
-				*error = pstrdup("store: the connection was lost");
+			if (res->error == NULL && !flag_seen(session, uids, k))
+				res->error = pstrdup("store: the connection was lost");
 		}
-		if (*error == NULL && todo != NIL)
-		{
-			Datum		arg = CStringGetTextDatum(mb->channel);
-
-			/* the rest at the next look, not at the next interval */
-			begin_work("notify_ext: more bounce mail to read");
-			notify_run_plan(again_plan, &arg, NULL, false, 0, SPI_OK_UPDATE, "marking a bounce mailbox due");
-			end_work(cxt);
-		}
+		/* the rest at the next look, not at the next interval */
+		res->more = res->error == NULL && todo != NIL;
 	}
 	PG_FINALLY();
 	{
 		imap_close(session);
 	}
 	PG_END_TRY();
-	return examined;
 }
 
 /*
@@ -1258,8 +1279,7 @@ bounce_poll_if_due(long *next_ms)
 	MemoryContext cxt = CurrentMemoryContext;
 	Mailbox    *mb = NULL;
 	bool		isnull;
-	char	  **error = palloc0(sizeof(char *));	/* in memory: it outlives a longjmp */
-	volatile int examined = 0;
+	ReadResult *res = palloc0(sizeof(ReadResult));	/* in memory: it outlives a longjmp */
 
 	*next_ms = -1;
 	if (bounce_checked_at != 0 && now >= bounce_checked_at && now < recheck_at &&
@@ -1272,7 +1292,7 @@ bounce_poll_if_due(long *next_ms)
 	begin_work("notify_ext: looking for a bounce mailbox to read");
 	MemoryContextSwitchTo(cxt);
 	{
-		Datum		arg = Float8GetDatum((double) notify_bounce_poll_interval);
+		Datum		arg = Float8GetDatum((double) notify_bounce_poll_interval + BOUNCE_READ_LEASE_S);
 
 		if (notify_run_plan(claim_plan, &arg, NULL, false, 1, SPI_OK_UPDATE_RETURNING,
 							"taking a bounce mailbox") == 1)
@@ -1292,11 +1312,12 @@ bounce_poll_if_due(long *next_ms)
 	if (mb == NULL)
 		return 0;
 
-	/* a commit now wakes an idle worker, not this one */
+	/* a commit now wakes an idle worker, not this one (or this one passes it on) */
 	notify_set_worker_state("reading bounces");
+	wakeup_passed_on = false;
 	PG_TRY();
 	{
-		examined = read_claimed_mailbox(mb, cxt, error);
+		read_claimed_mailbox(mb, cxt, res);
 	}
 	PG_CATCH();
 	{
@@ -1307,18 +1328,18 @@ bounce_poll_if_due(long *next_ms)
 		FlushErrorState();
 		AbortCurrentTransaction();
 		MemoryContextSwitchTo(cxt);
-		*error = psprintf("%s", edata->message);
+		res->error = psprintf("%s", edata->message);
 		FreeErrorData(edata);
 		forget_password(mb);
 		CHECK_FOR_INTERRUPTS();
 	}
 	PG_END_TRY();
 	forget_password(mb);
-	record_state(mb, *error, cxt);
+	record_state(mb, res, cxt);
 	/* another mailbox may be due: look again at the next round */
 	bounce_checked_at = 0;
 	*next_ms = 0;
-	return examined;
+	return res->examined;
 }
 
 /* -- notify.check_bounces() ------------------------------------------------------- */
