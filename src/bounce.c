@@ -46,6 +46,7 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -222,14 +223,17 @@ prepare_plans(void)
 	 * The mailbox could (not) be read, and its next read is due in $2
 	 * seconds (the interval; 0 when more mail waits).  The row is locked
 	 * first, in the subquery, so that the state it had is read under the
-	 * lock (of two readers, one logs the transition).
+	 * lock (of two readers, one logs the transition).  A worker never
+	 * waits for a row a session holds (check_bounces in an open
+	 * transaction, set_bounce_mailbox): it leaves the state to that
+	 * session.
 	 */
 	failed_plan = notify_keep_plan(
 							"UPDATE notify.bounce_mailbox b SET state = 'failing', last_error = $3,"
 							"       failing_since = CASE WHEN old.state = 'ok' THEN pg_catalog.now() ELSE b.failing_since END,"
 							"       last_checked_at = pg_catalog.now(),"
 							"       next_check_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
-							"  FROM (SELECT x.state FROM notify.bounce_mailbox x WHERE x.channel = $1 FOR UPDATE) old"
+							"  FROM (SELECT x.state FROM notify.bounce_mailbox x WHERE x.channel = $1 FOR UPDATE SKIP LOCKED) old"
 							" WHERE b.channel = $1 RETURNING old.state",
 							3, (Oid[]) {TEXTOID, FLOAT8OID, TEXTOID});
 	works_plan = notify_keep_plan(
@@ -237,7 +241,7 @@ prepare_plans(void)
 						   "       last_checked_at = pg_catalog.now(),"
 						   "       next_check_at = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
 						   "  FROM (SELECT x.state, x.failing_since FROM notify.bounce_mailbox x"
-						   "         WHERE x.channel = $1 FOR UPDATE) old"
+						   "         WHERE x.channel = $1 FOR UPDATE SKIP LOCKED) old"
 						   " WHERE b.channel = $1"
 						   " RETURNING old.state, pg_catalog.date_part('epoch', pg_catalog.now() - old.failing_since)",
 						   2, (Oid[]) {TEXTOID, FLOAT8OID});
@@ -940,6 +944,16 @@ open_mailbox(const Mailbox *mb, char *err, size_t errsize)
 	return imap_open(&cfg, err, errsize);
 }
 
+/* compare_uids: for bsearch over an ascending UID array. */
+static int
+compare_uids(const void *a, const void *b)
+{
+	uint32		x = *(const uint32 *) a;
+	uint32		y = *(const uint32 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 /*
  * unseen_to_examine: the unseen mails not examined yet (*todo, ascending),
  * and those examined but not flagged though they should be (*flag: a crash
@@ -974,16 +988,16 @@ unseen_to_examine(ImapSession *session, const Mailbox *mb, List **todo, List **f
 	for (uint64 k = 0; k < known; k++)
 	{
 		bool		isnull;
-		int64		uid = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &isnull));
+		uint32		uid = (uint32) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &isnull));
 		bool		seen = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 2, &isnull));
+		uint32_t   *hit = bsearch(&uid, uids, n, sizeof(uint32_t), compare_uids);
 
-		for (size_t i = 0; i < n; i++)
-			if ((int64) uids[i] == uid)
-			{
-				is_known[i] = true;
-				if (seen)
-					*flag = lappend_int(*flag, (int) uids[i]);
-			}
+		/* UID SEARCH's answer is ascending: a mailbox left with many unseen mails stays cheap */
+		if (hit == NULL)
+			continue;
+		is_known[hit - uids] = true;
+		if (seen)
+			*flag = lappend_int(*flag, (int) uid);
 	}
 	for (size_t i = 0; i < n; i++)
 		if (!is_known[i])
@@ -1085,6 +1099,29 @@ flag_seen(ImapSession *session, const uint32 *uids, int n)
 			return false;
 	}
 	return true;
+}
+
+/* -- one reader at a time ----------------------------------------------------------- */
+
+/*
+ * A mailbox is read by one reader at a time: the workers take it with the
+ * claim (the pushed next_check_at), and besides, every reader holds an
+ * advisory lock on the mailbox (its URL and user: channels may share one)
+ * while it reads.  A worker only tries it (a session that reads keeps the
+ * workers out, they never wait for a user's transaction) and holds it for
+ * its read; check_bounces waits for it (a worker's read is bounded by its
+ * timeouts) and holds it until its transaction ends, so that a worker
+ * never reads what it has examined and not committed yet.
+ */
+#define BOUNCE_LOCK_KEY 0x6e746662	/* "ntfb" */
+
+/* mailbox_lock_tag: the advisory lock of a mailbox. */
+static void
+mailbox_lock_tag(LOCKTAG *tag, const Mailbox *mb)
+{
+	uint32		h = hash_bytes((const unsigned char *) mb->identity, strlen(mb->identity));
+
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, BOUNCE_LOCK_KEY, h, 2);
 }
 
 /* -- the worker's reads ----------------------------------------------------------- */
@@ -1191,6 +1228,7 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, ReadResult *res)
 {
 	char		err[512];
 	ImapSession *volatile session = NULL;
+	MemoryContext batch_cxt;
 
 	err[0] = '\0';
 	session = open_mailbox(mb, err, sizeof(err));
@@ -1199,6 +1237,7 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, ReadResult *res)
 		res->error = pstrdup(err);
 		return;
 	}
+	batch_cxt = AllocSetContextCreate(cxt, "notify_ext bounce batch", ALLOCSET_DEFAULT_SIZES);
 	PG_TRY();
 	{
 		List	   *todo = NIL;
@@ -1230,29 +1269,63 @@ read_claimed_mailbox(Mailbox *mb, MemoryContext cxt, ReadResult *res)
 			uint32	   *uids;
 			int			k = 0;
 
+			/* a batch's mails live until it is flagged, no longer */
+			MemoryContextReset(batch_cxt);
+			MemoryContextSwitchTo(batch_cxt);
 			CHECK_FOR_INTERRUPTS();
 			if (fetch_mails(session, &todo, &mails, &n, err, sizeof(err)) != IMAP_OK)
-				res->error = pstrdup(err);
+				res->error = MemoryContextStrdup(cxt, err);
 			if (n == 0)
 				break;
 			begin_work("notify_ext: examining bounce mails");
-			MemoryContextSwitchTo(cxt);
+			MemoryContextSwitchTo(batch_cxt);
 			res->examined += examine_batch(mb, uidvalidity, mails, n);
-			end_work(cxt);
+			end_work(batch_cxt);
 			say_after_commit(mails, n);
 			uids = palloc(sizeof(uint32) * n);
 			for (int i = 0; i < n; i++)
 				if (mails[i].flag_seen)
 					uids[k++] = mails[i].uid;
 			if (res->error == NULL && !flag_seen(session, uids, k))
-				res->error = pstrdup("store: the connection was lost");
+				res->error = MemoryContextStrdup(cxt, "store: the connection was lost");
 		}
+		MemoryContextSwitchTo(cxt);
 		/* the rest at the next look, not at the next interval */
 		res->more = res->error == NULL && todo != NIL;
 	}
 	PG_FINALLY();
 	{
 		imap_close(session);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * read_mailbox_caught: read_claimed_mailbox, whose errors (of the IMAP
+ * side, of examining) fail the mailbox, not the worker's round: they end
+ * up in res->error, the transaction they interrupted aborted.
+ */
+static void
+read_mailbox_caught(Mailbox *mb, MemoryContext cxt, ReadResult *res)
+{
+	PG_TRY();
+	{
+		read_claimed_mailbox(mb, cxt, res);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		res->error = psprintf("%s", edata->message);
+		FreeErrorData(edata);
+		forget_password(mb);
+		/* a stopping worker goes now (its exit releases the mailbox's lock) */
+		CHECK_FOR_INTERRUPTS();
 	}
 	PG_END_TRY();
 }
@@ -1280,6 +1353,7 @@ bounce_poll_if_due(long *next_ms)
 	Mailbox    *mb = NULL;
 	bool		isnull;
 	ReadResult *res = palloc0(sizeof(ReadResult));	/* in memory: it outlives a longjmp */
+	LOCKTAG		tag;
 
 	*next_ms = -1;
 	if (bounce_checked_at != 0 && now >= bounce_checked_at && now < recheck_at &&
@@ -1312,30 +1386,30 @@ bounce_poll_if_due(long *next_ms)
 	if (mb == NULL)
 		return 0;
 
+	/* a session is reading it (check_bounces): that session records its state too */
+	mailbox_lock_tag(&tag, mb);
+	if (LockAcquire(&tag, ExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+	{
+		forget_password(mb);
+		bounce_checked_at = 0;
+		*next_ms = 0;
+		return 0;
+	}
+
 	/* a commit now wakes an idle worker, not this one (or this one passes it on) */
 	notify_set_worker_state("reading bounces");
 	wakeup_passed_on = false;
+	read_mailbox_caught(mb, cxt, res);
+	forget_password(mb);
 	PG_TRY();
 	{
-		read_claimed_mailbox(mb, cxt, res);
+		record_state(mb, res, cxt);
 	}
-	PG_CATCH();
+	PG_FINALLY();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		MemoryContextSwitchTo(cxt);
-		res->error = psprintf("%s", edata->message);
-		FreeErrorData(edata);
-		forget_password(mb);
-		CHECK_FOR_INTERRUPTS();
+		LockRelease(&tag, ExclusiveLock, true);
 	}
 	PG_END_TRY();
-	forget_password(mb);
-	record_state(mb, res, cxt);
 	/* another mailbox may be due: look again at the next round */
 	bounce_checked_at = 0;
 	*next_ms = 0;
@@ -1458,6 +1532,12 @@ check_one_mailbox(Mailbox *mb)
 	uint32		uidvalidity;
 	int			examined = 0;
 	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext batch_cxt;
+	LOCKTAG		tag;
+
+	/* a worker reading it now finishes first; no worker reads it until this transaction ends */
+	mailbox_lock_tag(&tag, mb);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 
 	p = calloc(1, sizeof(PendingFlags));
 	if (p == NULL)
@@ -1485,11 +1565,14 @@ check_one_mailbox(Mailbox *mb)
 	MemoryContextSwitchTo(cxt);
 	foreach(lc, flag)
 		pending_add(p, (uint32) lfirst_int(lc));
+	batch_cxt = AllocSetContextCreate(cxt, "notify_ext bounce batch", ALLOCSET_DEFAULT_SIZES);
 	while (todo != NIL && examined < BOUNCE_MAX_PER_READ)
 	{
 		BounceMail *mails;
 		int			n;
 
+		MemoryContextReset(batch_cxt);
+		MemoryContextSwitchTo(batch_cxt);
 		if (fetch_mails(p->session, &todo, &mails, &n, err, sizeof(err)) != IMAP_OK)
 		{
 			CHECK_FOR_INTERRUPTS();
@@ -1498,12 +1581,14 @@ check_one_mailbox(Mailbox *mb)
 					 errmsg("the bounce mailbox of channel \"%s\" cannot be read: %s", mb->channel, err)));
 		}
 		examined += examine_batch(mb, uidvalidity, mails, n);
-		MemoryContextSwitchTo(cxt);
+		MemoryContextSwitchTo(batch_cxt);
 		say_after_commit(mails, n);
 		for (int i = 0; i < n; i++)
 			if (mails[i].flag_seen)
 				pending_add(p, mails[i].uid);
 	}
+	MemoryContextSwitchTo(cxt);
+	MemoryContextDelete(batch_cxt);
 	return examined;
 }
 
