@@ -267,7 +267,7 @@ def loop(db, bc, ms, tag, u, seller, read):
     print(f"  -> the final server refused it (550 5.1.1)      {1000 * (refused[0] - t_commit):8.1f} ms")
     print(f"  -> Postfix's DSN in Dovecot (seen over IMAP)    {1000 * (t_dsn - t_commit):8.1f} ms (polled every 0.2 s)")
     print(f"  -> 'bounced' (its bounce_mail row)              {1000 * (t_bounced - t_commit):8.1f} ms "
-          f"({1000 * (t_bounced - t_read0):.1f} ms after the read began)")
+          f"({1000 * (t_bounced - t_read0):.1f} ms after the DSN was seen)")
     print(f"  -> the salesperson's mail at the final server   {1000 * (told.wall_time - t_commit):8.1f} ms")
     print(f"  next message {mid2}: {st2} {1000 * (time.time() - t_commit2):.0f} ms after its COMMIT")
     print(f"  last_error: {last_error}")
