@@ -46,6 +46,7 @@ typedef struct ClaimedMessage
 	bool		recorded;		/* its outcome is committed */
 	bool		probe;			/* it probes its failing channel */
 	bool		hold;			/* held: its channel fails; back to the queue, no attempt */
+	bool		requeue;		/* held, but the channel works again: due now, no attempt */
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
@@ -94,6 +95,7 @@ static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr attachments_plan = NULL;
 static SPIPlanPtr defer_plan = NULL;
 static SPIPlanPtr renew_plan = NULL;
+static SPIPlanPtr held_plan = NULL;
 
 /* prepare_plans: the sender's statements. */
 static void
@@ -213,14 +215,15 @@ prepare_plans(void)
 							"          code, attempt_response)),"
 							" u AS (UPDATE notify.message m SET"
 							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $12 THEN 'dead'"
-							"                WHEN r.status IN ('retry', 'hold') THEN 'queued' ELSE r.status END,"
-							"  attempts = CASE WHEN r.status = 'hold' THEN m.attempts - 1 ELSE m.attempts END,"
+							"                WHEN r.status IN ('retry', 'hold', 'requeue') THEN 'queued' ELSE r.status END,"
+							"  attempts = CASE WHEN r.status IN ('hold', 'requeue') THEN m.attempts - 1 ELSE m.attempts END,"
 							"  sent_at = CASE WHEN r.status = 'sent' THEN pg_catalog.now() END,"
-							"  last_error = COALESCE(r.error, CASE WHEN r.status = 'hold' THEN m.last_error END),"
-							"  smtp_response = COALESCE(r.response, CASE WHEN r.status = 'hold' THEN m.smtp_response END),"
+							"  last_error = COALESCE(r.error, CASE WHEN r.status IN ('hold', 'requeue') THEN m.last_error END),"
+							"  smtp_response = COALESCE(r.response, CASE WHEN r.status IN ('hold', 'requeue') THEN m.smtp_response END),"
 							"  next_attempt_at = CASE WHEN r.status = 'retry'"
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
-							"      WHEN r.status = 'hold' THEN 'infinity' ELSE m.next_attempt_at END,"
+							"      WHEN r.status = 'hold' THEN 'infinity'"
+							"      WHEN r.status = 'requeue' THEN pg_catalog.now() ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
 							"  FROM r"
 							" WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts"
@@ -247,6 +250,16 @@ prepare_plans(void)
 							   "       next_attempt_at = $2, lease_until = NULL"
 							   " WHERE id = $1 AND (status || '') = 'sending' AND attempts = $3",
 							   3, defer_t);
+		/*
+		 * Of the channels whose messages this batch held (they were known
+		 * to fail when the batch began), those still failing, locked until
+		 * the holds are committed (see recheck_held_channels).
+		 */
+		held_plan = notify_keep_plan(
+							  "SELECT h.channel FROM notify.channel_health h"
+							  " WHERE h.channel = ANY ($1) AND h.state = 'failing'"
+							  " ORDER BY h.channel FOR SHARE",
+							  1, (Oid[]) {TEXTARRAYOID});
 		/* messages still ours, in flight or waiting their turn: keep them ours */
 		renew_plan = notify_keep_plan(
 							   "UPDATE notify.message SET lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
@@ -604,7 +617,7 @@ record_results(List *claimed)
 		 * given back; only a try that reached the channel leaves a row.
 		 */
 		if (m->hold)
-			status = "hold", outcome = "";
+			status = m->requeue ? "requeue" : "hold", outcome = "";
 		else
 			switch (m->result.outcome)
 			{
@@ -807,6 +820,67 @@ record_health(void)
 }
 
 /*
+ * recheck_held_channels: in the recording transaction, before the holds
+ * are written: which of the channels whose messages this batch held
+ * (because they were failing when the batch began, not because the batch
+ * saw them fail) still fail.  Their health rows are locked (FOR SHARE)
+ * until this transaction ends: a worker whose probe finds the channel
+ * working again then waits for it, and its release of the held messages
+ * sees these holds.  Without the lock, holds committed just after that
+ * release stayed held ('infinity') with the channel 'ok', for good: a
+ * worker stopped with SIGTERM in the middle of a transfer made its channel
+ * fail, and its successors held what they claimed while one of them probed
+ * (test_faults.py, test_worker_killed_while_sending[sigterm]).  A channel
+ * that works again: its held messages go back to the queue due now, and
+ * the rest of the batch is sent.
+ */
+static void
+recheck_held_channels(List *claimed)
+{
+	ListCell   *lc;
+	ListCell   *mc;
+	List	   *names = NIL;
+	Datum	   *elems;
+	Datum		arg;
+	uint64		n;
+	int			k = 0;
+
+	foreach(lc, claimed)
+	{
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+
+		if (m->tried && !m->recorded && m->hold && !m->requeue && m->bc != NULL &&
+			m->bc->last_event == NULL && !list_member_ptr(names, m->bc))
+			names = lappend(names, m->bc);
+	}
+	if (names == NIL)
+		return;
+	elems = palloc(sizeof(Datum) * list_length(names));
+	foreach(lc, names)
+		elems[k++] = CStringGetTextDatum(((BatchChannel *) lfirst(lc))->name);
+	arg = notify_array(elems, NULL, k, TEXTOID);
+	n = notify_run_plan(held_plan, &arg, NULL, false, 0, SPI_OK_SELECT, "checking the channels of held messages");
+	foreach(lc, names)
+	{
+		BatchChannel *bc = (BatchChannel *) lfirst(lc);
+		bool		failing = false;
+
+		for (uint64 i = 0; i < n && !failing; i++)
+			failing = strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1), bc->name) == 0;
+		if (failing)
+			continue;
+		bc->failing = false;
+		foreach(mc, claimed)
+		{
+			ClaimedMessage *m = (ClaimedMessage *) lfirst(mc);
+
+			if (m->bc == bc && m->hold && m->tried && !m->recorded)
+				m->requeue = true;
+		}
+	}
+}
+
+/*
  * commit_results: record, in a transaction of their own, the outcomes not
  * yet recorded, and renew the leases of the rest when asked.  Interrupts
  * are held: what was sent must be recorded even if a SIGTERM arrived
@@ -820,6 +894,7 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
+	recheck_held_channels(claimed);
 	record_results(claimed);
 	recovered = record_health();
 	if (renew)
