@@ -250,16 +250,12 @@ prepare_plans(void)
 							   "       next_attempt_at = $2, lease_until = NULL"
 							   " WHERE id = $1 AND (status || '') = 'sending' AND attempts = $3",
 							   3, defer_t);
-		/*
-		 * Of the channels whose messages this batch held (they were known
-		 * to fail when the batch began), those still failing, locked until
-		 * the holds are committed (see recheck_held_channels).
-		 */
+		/* the health of a recording's channels, locked in name order (see lock_batch_health) */
 		held_plan = notify_keep_plan(
-							  "SELECT h.channel FROM notify.channel_health h"
-							  " WHERE h.channel = ANY ($1) AND h.state = 'failing'"
-							  " ORDER BY h.channel FOR SHARE",
-							  1, (Oid[]) {TEXTARRAYOID});
+							  "SELECT h.channel, h.state FROM notify.channel_health h"
+							  " WHERE h.channel = ANY ($1) AND (h.state = 'failing' OR h.channel = ANY ($2))"
+							  " ORDER BY h.channel FOR UPDATE",
+							  2, (Oid[]) {TEXTARRAYOID, TEXTARRAYOID});
 		/* messages still ours, in flight or waiting their turn: keep them ours */
 		renew_plan = notify_keep_plan(
 							   "UPDATE notify.message SET lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
@@ -791,6 +787,13 @@ note_outcome(ClaimedMessage *m)
 	}
 }
 
+/* compare_channels: BatchChannels by name, for list_sort. */
+static int
+compare_channels(const ListCell *a, const ListCell *b)
+{
+	return strcmp(((BatchChannel *) lfirst(a))->name, ((BatchChannel *) lfirst(b))->name);
+}
+
 /*
  * record_health: the batch's channels' failures and recoveries since the
  * last commit, in the caller's transaction; true when a channel works
@@ -802,6 +805,8 @@ record_health(void)
 	ListCell   *lc;
 	bool		recovered = false;
 
+	/* in name order, as lock_batch_health locked them (a first failure inserts its row here) */
+	list_sort(batch_channels, compare_channels);
 	foreach(lc, batch_channels)
 	{
 		BatchChannel *bc = (BatchChannel *) lfirst(lc);
@@ -820,53 +825,83 @@ record_health(void)
 }
 
 /*
- * recheck_held_channels: in the recording transaction, before the holds
- * are written: which of the channels whose messages this batch held
- * (because they were failing when the batch began, not because the batch
- * saw them fail) still fail.  Their health rows are locked (FOR SHARE)
- * until this transaction ends: a worker whose probe finds the channel
- * working again then waits for it, and its release of the held messages
- * sees these holds.  Without the lock, holds committed just after that
- * release stayed held ('infinity') with the channel 'ok', for good: a
- * worker stopped with SIGTERM in the middle of a transfer made its channel
+ * lock_batch_health: first in the recording transaction, when it holds
+ * messages or records a failure: the health rows it is about to read or
+ * write, locked in the channels' name order (FOR UPDATE), so that workers
+ * recording at once queue up instead of locking the same rows in opposite
+ * orders.  Locked are the rows of the channels this batch saw fail, and of
+ * the others it holds messages of, or saw answer, that are failing (a row
+ * that is 'ok' is not locked: a batch that only sent, the usual case,
+ * runs no statement here and waits for nobody).
+ *
+ * A channel whose messages the batch held (it was failing when the batch
+ * began) and that works again by now (its row is not returned): the held
+ * messages go back to the queue, due now, and the rest of the batch is
+ * sent.  One still failing stays locked until the holds are committed: a
+ * worker whose probe finds it working waits for that, and its release of
+ * the held messages sees the holds.  Before, holds committed just after
+ * such a release stayed held ('infinity') with the channel 'ok', for good:
+ * a worker stopped by SIGTERM in the middle of a transfer made its channel
  * fail, and its successors held what they claimed while one of them probed
- * (test_faults.py, test_worker_killed_while_sending[sigterm]).  A channel
- * that works again: its held messages go back to the queue due now, and
- * the rest of the batch is sent.
+ * (test_faults.py, test_worker_killed_while_sending[sigterm]).
  */
 static void
-recheck_held_channels(List *claimed)
+lock_batch_health(List *claimed)
 {
 	ListCell   *lc;
 	ListCell   *mc;
-	List	   *names = NIL;
-	Datum	   *elems;
-	Datum		arg;
+	List	   *channels = NIL;
+	List	   *held = NIL;
+	bool		failed = false;
+	Datum	   *all;
+	Datum	   *failures;
+	int			nall = 0;
+	int			nfailures = 0;
+	Datum		args[2];
 	uint64		n;
-	int			k = 0;
 
-	foreach(lc, claimed)
+	foreach(lc, batch_channels)
 	{
-		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
+		BatchChannel *bc = (BatchChannel *) lfirst(lc);
+		bool		holds = false;
 
-		if (m->tried && !m->recorded && m->hold && !m->requeue && m->bc != NULL &&
-			m->bc->last_event == NULL && !list_member_ptr(names, m->bc))
-			names = lappend(names, m->bc);
+		foreach(mc, claimed)
+		{
+			ClaimedMessage *m = (ClaimedMessage *) lfirst(mc);
+
+			holds |= m->bc == bc && m->hold && m->tried && !m->recorded;
+		}
+		if (holds && bc->last_event == NULL)
+			held = lappend(held, bc);
+		if (bc->last_event != NULL && strcmp(bc->last_event, "failed") == 0)
+			failed = true;
+		if (holds || bc->last_event != NULL)
+			channels = lappend(channels, bc);
 	}
-	if (names == NIL)
+	if (held == NIL && !failed)
 		return;
-	elems = palloc(sizeof(Datum) * list_length(names));
-	foreach(lc, names)
-		elems[k++] = CStringGetTextDatum(((BatchChannel *) lfirst(lc))->name);
-	arg = notify_array(elems, NULL, k, TEXTOID);
-	n = notify_run_plan(held_plan, &arg, NULL, false, 0, SPI_OK_SELECT, "checking the channels of held messages");
-	foreach(lc, names)
+	list_sort(channels, compare_channels);
+	all = palloc(sizeof(Datum) * list_length(channels));
+	failures = palloc(sizeof(Datum) * list_length(channels));
+	foreach(lc, channels)
+	{
+		BatchChannel *bc = (BatchChannel *) lfirst(lc);
+
+		all[nall++] = CStringGetTextDatum(bc->name);
+		if (bc->last_event != NULL && strcmp(bc->last_event, "failed") == 0)
+			failures[nfailures++] = CStringGetTextDatum(bc->name);
+	}
+	args[0] = notify_array(all, NULL, nall, TEXTOID);
+	args[1] = notify_array(failures, NULL, nfailures, TEXTOID);
+	n = notify_run_plan(held_plan, args, NULL, false, 0, SPI_OK_SELECT, "locking the batch's channels' health");
+	foreach(lc, held)
 	{
 		BatchChannel *bc = (BatchChannel *) lfirst(lc);
 		bool		failing = false;
 
 		for (uint64 i = 0; i < n && !failing; i++)
-			failing = strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1), bc->name) == 0;
+			failing = strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1), bc->name) == 0 &&
+				strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2), "failing") == 0;
 		if (failing)
 			continue;
 		bc->failing = false;
@@ -894,7 +929,7 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
-	recheck_held_channels(claimed);
+	lock_batch_health(claimed);
 	record_results(claimed);
 	recovered = record_health();
 	if (renew)
