@@ -1,7 +1,7 @@
 # notify_ext — PGXS build.
 #   make && make install         build and install into the PostgreSQL found by pg_config
-#   make installcheck            pg_regress tests (needs a server with notify_ext preloaded
-#                                and notify.database = contrib_regression; see test/run)
+#   make installcheck            pg_regress tests (needs a server with notify_ext preloaded;
+#                                see test/run)
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
 #   make bench                   the benchmarks in test/bench (install the extension first; ~9.5 min)
 #   make installcheck-debian     the README's install and first rule, as written, on a new Debian
@@ -13,6 +13,10 @@ EXTVERSION = 0.3
 MODULE_big = notify_ext
 OBJS = \
 	src/notify_ext.o \
+	src/shmem.o \
+	src/launcher.o \
+	src/ddl.o \
+	src/identity.o \
 	src/capture.o \
 	src/rowjson.o \
 	src/context.o \

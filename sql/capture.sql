@@ -291,6 +291,40 @@ SELECT jsonb_pretty(notify._event_context(e) - 'event') AS context
 SELECT notify._event_context(e) -> 'row_count' AS row_count
   FROM notify.event e WHERE e.event_type = 'ctx.schedule' ORDER BY e.id;
 
+-- one transaction writes many events through the outbox it opened once: a savepoint
+-- rolled back takes its events away and the others stay; an error caught in a
+-- subtransaction too; a transaction that changes notify.event meanwhile goes on
+BEGIN;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (21, 40, 7, 1);
+SAVEPOINT s1;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (22, 40, 7, 1);
+ROLLBACK TO s1;
+DO $$ BEGIN
+    INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (23, 40, 7, 1);
+    INSERT INTO erp_order (id) VALUES (21);     -- duplicate key: the block's events go
+EXCEPTION WHEN unique_violation THEN NULL;
+END $$;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (24, 40, 7, 1);
+ALTER TABLE notify.event ALTER COLUMN actor SET STATISTICS 200;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (25, 40, 7, 1);
+COMMIT;
+SELECT array_agg((row ->> 'id')::int ORDER BY id) AS captured
+  FROM notify.event WHERE event_type = 'order.created' AND (row ->> 'id')::int BETWEEN 21 AND 25;
+BEGIN;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (26, 40, 7, 1);
+ROLLBACK;
+SELECT count(*) AS rolled_back FROM notify.event WHERE (row ->> 'id')::int = 26;
+-- DDL on notify.event in the transaction that captured finds it free
+BEGIN;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (27, 40, 7, 1);
+CREATE INDEX event_regress_idx ON notify.event (actor);
+DROP INDEX notify.event_regress_idx;
+INSERT INTO erp_order (id, customer_id, seller_id, amount) VALUES (28, 40, 7, 1);
+COMMIT;
+SELECT array_agg((row ->> 'id')::int ORDER BY id) AS captured
+  FROM notify.event WHERE event_type = 'order.created' AND (row ->> 'id')::int BETWEEN 27 AND 28;
+ALTER TABLE notify.event ALTER COLUMN actor SET STATISTICS -1;
+
 -- unwatch drops the triggers; later changes are not captured
 SELECT notify.unwatch('erp_order', 'order.created');
 SELECT pg_temp.n(tgname) AS tgname FROM pg_trigger WHERE tgrelid = 'erp_order'::regclass ORDER BY 1;

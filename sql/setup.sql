@@ -1,6 +1,6 @@
 --
 -- setup: what CREATE EXTENSION notify_ext installs, and its rights.
--- (CREATE EXTENSION in a database other than notify.database is refused;
+-- (CREATE EXTENSION in a database notify.database does not name is refused;
 -- that needs a second database and is tested end-to-end.)
 --
 
@@ -92,3 +92,15 @@ SELECT t.relname AS config_table_with_undumped_sequence
  WHERE e.extname = 'notify_ext' AND t.oid = x.oid
    AND d.refobjid = t.oid AND d.classid = 'pg_class'::regclass AND d.objid = s.oid
    AND s.relkind = 'S' AND NOT s.oid = ANY (e.extconfig);
+
+-- this database's identity: a token of 12 hexadecimal digits, the same in
+-- the table pg_dump dumps and the one it does not; a database that is no
+-- copy is left alone by adopt_copy()
+SELECT (SELECT token FROM notify.identity) = (SELECT token FROM notify.identity_local) AS same_token,
+       (SELECT token FROM notify.identity_local) ~ '^[0-9a-f]{12}$' AS token_form,
+       (SELECT database_name FROM notify.identity_local) = current_database() AS this_database;
+SELECT copy_reason, source_is_template FROM notify._identity();
+SELECT notify.adopt_copy();
+-- which tables pg_dump dumps: identity yes, identity_local no
+SELECT x::regclass AS dumped FROM pg_extension e, unnest(e.extconfig) x
+ WHERE e.extname = 'notify_ext' AND x::regclass::text LIKE 'notify.identity%';

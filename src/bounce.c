@@ -255,28 +255,17 @@ prepare_plans(void)
 }
 
 /*
- * notify_verp_tag: a short tag of this database (hex, lower case), the
- * same in every process serving it: the database's OID and the cluster's
- * system identifier, hashed.  A bounce is taken as one of ours only when
- * its token carries this tag, so that a copy of the database (or another
+ * notify_verp_tag: this database's tag in VERP tokens, its identity token
+ * (identity.c: 12 hex digits, kept through a dump and restore, changed by
+ * notify.adopt_copy()).  A bounce is taken as one of ours only when its
+ * token carries this tag, so that a copy of the database (or another
  * database sharing the mailbox) never marks our messages, nor we theirs.
- * Every use of the tag goes through here (issue 15 makes it the database
- * token, which also survives a dump and restore).
+ * Empty only for a schema older than 0.3 (nothing is then matched by tag).
  */
 const char *
 notify_verp_tag(void)
 {
-	static char tag[17];
-	static Oid	tag_db = InvalidOid;
-
-	if (tag_db != MyDatabaseId || tag[0] == '\0')
-	{
-		uint64		h = hash_bytes_uint32_extended((uint32) MyDatabaseId, GetSystemIdentifier());
-
-		snprintf(tag, sizeof(tag), "%08x", (uint32) (h ^ (h >> 32)));
-		tag_db = MyDatabaseId;
-	}
-	return tag;
+	return notify_database_token();
 }
 
 /*
@@ -397,34 +386,43 @@ dup_or_null(const char *s)
 }
 
 /*
- * message_id_of: the message a returned Message-ID names,
- * <notify.message.ID@domain> (or <notify.message.ID.TAG@domain>, the form
- * with this database's tag): its id, or 0.  A tag of another database
- * names no message of ours.
+ * message_id_of: the message a returned Message-ID names: its id, or 0.
+ * The form is <notify.message.TOKEN.ID@domain>, TOKEN this database's
+ * (smtp.c); a token of another database names no message of ours.  The
+ * form of 0.2, <notify.message.ID@domain>, without a token, is taken too
+ * (a report about a mail sent before the update).
  */
 static int64
 message_id_of(const char *mid)
 {
 	const char *prefix = "<notify.message.";
 	const char *p;
+	const char *at;
+	const char *dot;
 	int64		id = 0;
 	int			digits = 0;
 
 	if (mid == NULL || pg_strncasecmp(mid, prefix, strlen(prefix)) != 0)
 		return 0;
-	for (p = mid + strlen(prefix); isdigit((unsigned char) *p) && digits < 18; p++, digits++)
-		id = id * 10 + (*p - '0');
-	if (digits == 0)
+	p = mid + strlen(prefix);
+	at = strchr(p, '@');
+	dot = strchr(p, '.');
+	if (at == NULL)
 		return 0;
-	if (*p == '.')
+	if (dot != NULL && dot < at)
 	{
+		/* TOKEN.ID@: the token must be ours */
 		const char *tag = notify_verp_tag();
 		size_t		taglen = strlen(tag);
 
-		if (pg_strncasecmp(p + 1, tag, taglen) != 0 || p[1 + taglen] != '@')
+		if (taglen == 0 || pg_strncasecmp(p, tag, taglen) != 0 || p[taglen] != '.')
 			return 0;
-		p += 1 + taglen;
+		p += taglen + 1;
 	}
+	for (; isdigit((unsigned char) *p) && digits < 18; p++, digits++)
+		id = id * 10 + (*p - '0');
+	if (digits == 0)
+		return 0;
 	return *p == '@' ? id : 0;
 }
 

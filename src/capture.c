@@ -28,6 +28,7 @@
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "parser/parser.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
@@ -81,12 +82,35 @@ static struct
 } target;
 static bool target_callback = false;
 
+/*
+ * The outbox as this transaction writes it: opened, with its indexes, an
+ * executor state and a slot, at the transaction's first event and closed
+ * at its end (its commit, prepare or abort), so that an ERP transaction of
+ * an order and its lines sets up once, not per row.  Opened under the
+ * transaction's own resource owner, so that a subtransaction that ends
+ * (a savepoint rolled back) does not take it away from the rest; its
+ * memory is a child of the transaction's.  An invalidation of notify.event
+ * (an ALTER TABLE in the same transaction) closes it: the next row opens
+ * it again.
+ */
+static struct
+{
+	bool		open;
+	bool		stale;
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slot;
+} xact_target;
 /* target_inval: notify.event (or every relation) changed: look again. */
 static void
 target_inval(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == target.relid)
+	{
 		target.valid = false;
+		xact_target.stale = true;
+	}
 }
 
 /* load_target: find notify.event and decide whether the direct insert applies. */
@@ -144,6 +168,135 @@ load_target(void)
 	target.valid = true;
 }
 
+static bool xact_target_callback = false;
+
+/* close_xact_target: the transaction's outbox closed (end of transaction, or stale). */
+static void
+close_xact_target(void)
+{
+	ResourceOwner save = CurrentResourceOwner;
+
+	if (!xact_target.open)
+		return;
+	xact_target.open = false;
+	CurrentResourceOwner = TopTransactionResourceOwner;
+	ExecCloseIndices(xact_target.rri);
+	ExecResetTupleTable(xact_target.estate->es_tupleTable, false);
+	FreeExecutorState(xact_target.estate);
+	table_close(xact_target.rel, NoLock);
+	CurrentResourceOwner = save;
+}
+
+/*
+ * xact_target_end: at commit or prepare the outbox is closed before the
+ * resource owner checks for leaked references; at abort the resource owner
+ * releases them and only the flag is forgotten (its memory went with the
+ * transaction's).
+ */
+static void
+xact_target_end(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PARALLEL_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			close_xact_target();
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			xact_target.open = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * close_before_utility: any utility command (an ALTER TABLE or TRUNCATE of
+ * notify.event, a DROP EXTENSION) may need notify.event not to be in use by
+ * this session: the transaction's outbox is closed first, and opened again
+ * by the next event.
+ */
+static ProcessUtility_hook_type prev_process_utility = NULL;
+
+static void
+close_before_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+					 ProcessUtilityContext context, ParamListInfo params,
+					 QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	if (xact_target.open)
+	{
+		/* statements that never need a table out of use (an ORM's savepoints) keep it */
+		switch (nodeTag(pstmt->utilityStmt))
+		{
+			case T_TransactionStmt:
+			case T_VariableSetStmt:
+			case T_VariableShowStmt:
+			case T_DoStmt:
+			case T_CallStmt:
+			case T_ExplainStmt:
+			case T_CopyStmt:
+			case T_PrepareStmt:
+			case T_ExecuteStmt:
+			case T_DeallocateStmt:
+			case T_DeclareCursorStmt:
+			case T_FetchStmt:
+			case T_ClosePortalStmt:
+			case T_NotifyStmt:
+			case T_ListenStmt:
+			case T_UnlistenStmt:
+				break;
+			default:
+				close_xact_target();
+				break;
+		}
+	}
+	if (prev_process_utility)
+		prev_process_utility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+}
+
+/* notify_capture_init: _PG_init's part for capture (the utility hook above). */
+void
+notify_capture_init(void)
+{
+	prev_process_utility = ProcessUtility_hook;
+	ProcessUtility_hook = close_before_utility;
+}
+
+/* open_xact_target: the transaction's outbox, opened at its first event. */
+static void
+open_xact_target(void)
+{
+	ResourceOwner save;
+	MemoryContext old;
+
+	if (xact_target.open && !xact_target.stale)
+		return;
+	close_xact_target();
+	if (!xact_target_callback)
+	{
+		RegisterXactCallback(xact_target_end, NULL);
+		xact_target_callback = true;
+	}
+	save = CurrentResourceOwner;
+	CurrentResourceOwner = TopTransactionResourceOwner;
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	xact_target.rel = table_open(target.relid, RowExclusiveLock);
+	xact_target.estate = CreateExecutorState();
+	xact_target.rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(xact_target.rri, xact_target.rel, 1, NULL, 0);
+	ExecOpenIndices(xact_target.rri, false);
+	xact_target.slot = ExecInitExtraTupleSlot(xact_target.estate, RelationGetDescr(xact_target.rel),
+											  &TTSOpsHeapTuple);
+	MemoryContextSwitchTo(old);
+	CurrentResourceOwner = save;
+	xact_target.open = true;
+	xact_target.stale = false;
+}
+
 /*
  * insert_event_direct: the outbox row through the table access method and
  * the index AM, without planning or executing a statement: the cost of an
@@ -154,15 +307,26 @@ load_target(void)
 static int64
 insert_event_direct(Datum *args, const char *argnulls)
 {
-	Relation	rel = table_open(target.relid, RowExclusiveLock);
-	TupleDesc	desc = RelationGetDescr(rel);
-	EState	   *estate = CreateExecutorState();
-	ResultRelInfo *rri = makeNode(ResultRelInfo);
-	TupleTableSlot *slot;
-	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
-	bool	   *isnull = palloc(sizeof(bool) * desc->natts);
-	int64		id = nextval_internal(target.seqid, false);
+	TupleDesc	desc;
+	Datum	   *values;
+	bool	   *isnull;
+	int64		id;
 	HeapTuple	tuple;
+
+	open_xact_target();
+	desc = RelationGetDescr(xact_target.rel);
+	values = palloc0(sizeof(Datum) * desc->natts);
+	isnull = palloc(sizeof(bool) * desc->natts);
+
+	/*
+	 * The transaction's id first, then the event's: every event id is taken
+	 * by a transaction that already has its xid, which the worker's low-water
+	 * mark over event ids relies on (see fanout.c).  (A watched row's own
+	 * insert gave the transaction its xid already; emit may be the first
+	 * write.)
+	 */
+	(void) GetCurrentTransactionId();
+	id = nextval_internal(target.seqid, false);
 
 	memset(isnull, true, sizeof(bool) * desc->natts);
 #define SET_COL(c, v) (values[target.attnum[c] - 1] = (v), isnull[target.attnum[c] - 1] = false)
@@ -175,16 +339,12 @@ insert_event_direct(Datum *args, const char *argnulls)
 #undef SET_COL
 	tuple = heap_form_tuple(desc, values, isnull);
 
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	ExecOpenIndices(rri, false);
-	slot = ExecInitExtraTupleSlot(estate, desc, &TTSOpsHeapTuple);
-	ExecStoreHeapTuple(tuple, slot, false);
-	table_tuple_insert(rel, slot, GetCurrentCommandId(true), 0, NULL);
-	(void) ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
-	ExecCloseIndices(rri);
-	ExecResetTupleTable(estate->es_tupleTable, false);
-	FreeExecutorState(estate);
-	table_close(rel, NoLock);
+	ExecStoreHeapTuple(tuple, xact_target.slot, false);
+	table_tuple_insert(xact_target.rel, xact_target.slot, GetCurrentCommandId(true), 0, NULL);
+	(void) ExecInsertIndexTuples(xact_target.rri, xact_target.slot, xact_target.estate, false, false,
+								 NULL, NIL);
+	ExecClearTuple(xact_target.slot);
+	ResetPerTupleExprContext(xact_target.estate);
 	return id;
 }
 
@@ -235,6 +395,8 @@ insert_event(Datum *values, const char *nulls, bool want_id)
 		emit_event_plan = notify_keep_plan(psprintf("%s RETURNING id", cols), EVENT_NARGS, types);
 	}
 	plan = want_id ? emit_event_plan : insert_event_plan;
+	/* the xid before the id, as in insert_event_direct */
+	(void) GetCurrentTransactionId();
 	ret = SPI_execute_plan(plan, values, nulls, false, 0);
 	SetUserIdAndSecContext(save_userid, save_sec);
 	notify_unpin_search_path(nest);

@@ -14,6 +14,7 @@
  */
 #include "postgres.h"
 
+#include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -27,6 +28,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "funcapi.h"
 #include "fmgr.h"
@@ -93,6 +95,10 @@ typedef struct Delivery
 PG_FUNCTION_INFO_V1(notify_explain);
 
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr cursor_lock_plan = NULL;
+static SPIPlanPtr first_unprocessed_plan = NULL;
+static SPIPlanPtr cursor_update_plan = NULL;
+static SPIPlanPtr sequence_plan = NULL;
 static SPIPlanPtr rules_plan = NULL;
 static SPIPlanPtr recipient_plan = NULL;
 static SPIPlanPtr directory_plan = NULL;
@@ -161,10 +167,30 @@ prepare_plans(void)
 	 */
 	claim_plan = notify_keep_plan(
 						   "SELECT (c.e).id, (c.e).event_type, notify._event_context(c.e) "
-						   "FROM (SELECT e FROM notify.event e WHERE e.processed_at IS NULL "
+						   "FROM (SELECT e FROM notify.event e"
+						   "       WHERE e.id >= (SELECT x.low_water FROM notify.event_cursor x)"
+						   "         AND e.processed_at IS NULL "
 						   "      ORDER BY e.id LIMIT $1 FOR UPDATE SKIP LOCKED) c "
 						   "ORDER BY (c.e).id",
 						   1, int8_t);
+	cursor_lock_plan = notify_keep_plan(
+								 "SELECT x.low_water, x.candidate, x.candidate_xid FROM notify.event_cursor x"
+								 " FOR UPDATE SKIP LOCKED",
+								 0, NULL);
+	/* the first event not processed in [low_water, candidate], by the primary key */
+	first_unprocessed_plan = notify_keep_plan(
+									   "SELECT e.id FROM notify.event e WHERE e.id >= $1 AND e.id <= $2"
+									   "   AND e.processed_at IS NULL ORDER BY e.id LIMIT 1",
+									   2, (Oid[]) {INT8OID, INT8OID});
+	cursor_update_plan = notify_keep_plan(
+								   "UPDATE notify.event_cursor SET low_water = $1, candidate = $2, candidate_xid = $3",
+								   3, (Oid[]) {INT8OID, INT8OID, INT8OID});
+	sequence_plan = notify_keep_plan(
+							  "SELECT pg_catalog.pg_sequence_last_value("
+							  "  pg_catalog.pg_get_serial_sequence('notify.event', 'id')::pg_catalog.regclass),"
+							  "  (SELECT s.seqcache FROM pg_catalog.pg_sequence s"
+							  "    WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence('notify.event', 'id')::pg_catalog.regclass)",
+							  0, NULL);
 	rules_plan = notify_keep_plan(
 						   "SELECT r.id, r.name, r.template, r.channel, r.default_mode, r.recipients, "
 						   "       r.context_query, r.owner::oid, r.attachments_query, "
@@ -1159,6 +1185,133 @@ claim_events(int batch_size)
 	return events;
 }
 
+/*
+ * The low-water mark over event ids (notify.event_cursor): every event
+ * below it is processed, and none can still appear below it.  The claim
+ * reads the primary key from there.
+ *
+ * Why it never skips an event, even one that commits out of id order:
+ *
+ *  1. Every event id is taken by a transaction that already has its xid
+ *     (capture.c takes the xid before nextval; the worker's own inserts,
+ *     schedules and bounces, come after a write of the same transaction).
+ *  2. The id sequence has CACHE 1, so ids are handed out in increasing order
+ *     in time: an id <= S was handed out before S was read.
+ *  3. A candidate is recorded as (S, NX): S the sequence's last value, then
+ *     NX = ReadNextFullTransactionId().  Every transaction holding an id <= S
+ *     got its xid before its id (1), its id before S was read (2), so its
+ *     xid is < NX.
+ *  4. The mark passes S only once a fresh snapshot's xmin >= NX: no xid < NX
+ *     is running, so every transaction holding an id <= S has ended, and the
+ *     events it committed are visible to this transaction's next statement.
+ *     The mark then goes to the first of them still unprocessed (another
+ *     worker's claim in progress counts as unprocessed), or to S + 1.
+ *
+ * An insert that breaks (1) (a superuser's INSERT INTO notify.event whose
+ * default nextval runs before the row gets its xid, a microsecond apart)
+ * could still slip below the mark: the worker looks at the LOW_WATER_RECHECK
+ * ids below it once a minute and moves the mark back to any it finds.
+ * test/fault/test_low_water.py tries to break all this with transactions
+ * committing out of id order.
+ */
+#define LOW_WATER_EVERY_MS 100
+#define LOW_WATER_RECHECK 10000
+#define LOW_WATER_RECHECK_MS 60000
+
+static TimestampTz low_water_at = 0;
+
+/* full_xid_before: the FullTransactionId of xid, an xid handed out before next. */
+static FullTransactionId
+full_xid_before(FullTransactionId next, TransactionId xid)
+{
+	uint32		epoch = EpochFromFullTransactionId(next);
+
+	if (xid > XidFromFullTransactionId(next))
+		epoch--;
+	return FullTransactionIdFromEpochAndXid(epoch, xid);
+}
+static TimestampTz low_water_rechecked_at = 0;
+
+static void
+advance_low_water(bool idle)
+{
+	/* idle: no event was claimed (the cursor still moves, to be ready for the next) */
+	TimestampTz now = GetCurrentTimestamp();
+	int64		low;
+	int64		candidate;
+	bool		has_candidate;
+	bool		isnull;
+	FullTransactionId next;
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	int64		new_low;
+
+	if (!TimestampDifferenceExceeds(low_water_at, now, LOW_WATER_EVERY_MS) && now >= low_water_at)
+		return;
+	low_water_at = now;
+	/* another worker moves it now: it is theirs */
+	if (notify_run_plan(cursor_lock_plan, NULL, NULL, false, 1, SPI_OK_SELECT, "locking the event cursor") == 0)
+		return;
+	low = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	candidate = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	has_candidate = !isnull;
+	if (has_candidate)
+	{
+		uint64		cxid = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+		Snapshot	snap = GetLatestSnapshot();
+		FullTransactionId xmin = full_xid_before(ReadNextFullTransactionId(), snap->xmin);
+
+		if (U64FromFullTransactionId(xmin) < cxid)
+			return;				/* a transaction that may hold an id <= candidate still runs */
+		args[0] = Int64GetDatum(low);
+		args[1] = Int64GetDatum(candidate);
+		new_low = notify_run_plan(first_unprocessed_plan, args, NULL, false, 1, SPI_OK_SELECT,
+								  "finding the first unprocessed event") == 1
+			? DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull))
+			: candidate + 1;
+		low = Max(low, new_low);
+	}
+
+	/* once a minute, the ids just below the mark: a straggler moves it back */
+	if (TimestampDifferenceExceeds(low_water_rechecked_at, now, LOW_WATER_RECHECK_MS) || now < low_water_rechecked_at)
+	{
+		low_water_rechecked_at = now;
+		args[0] = Int64GetDatum(Max(low - LOW_WATER_RECHECK, 0));
+		args[1] = Int64GetDatum(low - 1);
+		if (low > 0 && notify_run_plan(first_unprocessed_plan, args, NULL, false, 1, SPI_OK_SELECT,
+									   "looking below the event cursor") == 1)
+		{
+			int64		straggler = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+			ereport(LOG,
+					(errmsg("notify_ext: event %lld was committed below the event cursor (%lld); the cursor goes back to it",
+							(long long) straggler, (long long) low)));
+			low = straggler;
+		}
+	}
+
+	/* the next candidate: the sequence's value, then the next xid (in that order: see above) */
+	if (notify_run_plan(sequence_plan, NULL, NULL, true, 1, SPI_OK_SELECT, "reading the event id sequence") != 1)
+		return;
+	candidate = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull)
+		candidate = 0;			/* no event yet */
+	if (DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull)) != 1)
+	{
+		/* (2) does not hold: the mark stays where it is, and says why */
+		ereport(WARNING,
+				(errmsg("notify_ext: the sequence of notify.event's ids has a CACHE other than 1; events are looked for from id %lld on",
+						(long long) low),
+				 errhint("ALTER SEQUENCE it with CACHE 1: the workers rely on ids being handed out in order.")));
+		return;
+	}
+	next = ReadNextFullTransactionId();
+	args[0] = Int64GetDatum(low);
+	args[1] = Int64GetDatum(candidate);
+	args[2] = Int64GetDatum((int64) U64FromFullTransactionId(next));
+	notify_run_plan(cursor_update_plan, args, nulls, false, 0, SPI_OK_UPDATE, "moving the event cursor");
+}
+
 /* fanout_one: try_fanout_event's work, in its subtransaction. */
 static void
 fanout_one(void *arg)
@@ -1274,7 +1427,10 @@ fanout_pending_events(int batch_size)
 	prepare_plans();
 	events = claim_events(batch_size);
 	if (events == NIL)
+	{
+		advance_low_water(true);
 		return 0;
+	}
 	notify_refresh_snapshot();
 
 	done = palloc(sizeof(Datum) * list_length(events));
@@ -1322,6 +1478,7 @@ fanout_pending_events(int batch_size)
 	render_cache_end();
 	MemoryContextDelete(event_cxt);
 	rows_cxt = NULL;
+	advance_low_water(false);
 	return list_length(events);
 }
 

@@ -1,9 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * notify_ext.c
- *	  Library entry point: settings, shared memory, the background worker's
- *	  registration, and waking the worker when a transaction that wrote
- *	  events commits.
+ *	  Library entry point: settings, the shared memory's hooks, the
+ *	  launcher's registration, the utility hook, and the SQL functions that
+ *	  show or change what the processes share.
+ *
+ * The process model (docs/operations.md, "Every database"): one launcher,
+ * connected to no database, starts worker processes on demand in the
+ * databases that have work, as dynamic background workers; a worker that
+ * has had nothing to do for notify.worker_idle_timeout leaves.  An idle
+ * cluster holds the launcher alone, however many databases it has.
  *
  *-------------------------------------------------------------------------
  */
@@ -21,6 +27,7 @@
 #include "storage/shmem.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/varlena.h"
 
 #include "notify_ext.h"
 
@@ -36,6 +43,9 @@ int			notify_lease = 60;
 int			notify_retention = 30 * 24 * 3600;
 char	   *notify_actor = NULL;
 int			notify_workers = 2;
+int			notify_max_workers = 4;
+int			notify_max_databases = 1024;
+int			notify_worker_idle_timeout = 10000;
 int			notify_smtp_timeout = 60;
 int			notify_smtp_data_timeout = 600;
 char	   *notify_tls_ca_file = NULL;
@@ -44,34 +54,34 @@ int			notify_webhook_timeout = 30;
 int			notify_max_age = 5 * 24 * 3600;
 int			notify_bounce_poll_interval = 60;
 
-NotifyShared *notify_shared = NULL;
-
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-
-/* Set when this backend's current transaction wrote an event. */
-static bool wake_at_commit = false;
-static bool wake_all_at_commit = false;	/* CREATE EXTENSION: every worker starts serving */
-static bool xact_callback_registered = false;
 
 void		_PG_init(void);
 static void notify_shmem_request(void);
 static void notify_shmem_startup(void);
-static void notify_xact_callback(XactEvent event, void *arg);
-static void notify_wake_one_worker(void);
 static void define_settings(void);
-static void register_worker(void);
+static bool check_database_list(char **newval, void **extra, GucSource source);
 
 PG_FUNCTION_INFO_V1(notify_check_database);
 PG_FUNCTION_INFO_V1(notify_wake);
+PG_FUNCTION_INFO_V1(notify_database_changed);
 PG_FUNCTION_INFO_V1(notify_worker_shmem);
+PG_FUNCTION_INFO_V1(notify_workers_shmem);
+PG_FUNCTION_INFO_V1(notify_database_shmem);
 
-/* _PG_init: defines the settings; when preloaded, also shared memory and the worker. */
+/*
+ * _PG_init: defines the settings; when preloaded, also shared memory, the
+ * launcher and the utility hook (every backend inherits it from the
+ * postmaster, which is why preloading is required: a DDL in any session
+ * must be able to ask our workers to leave).
+ */
 void
 _PG_init(void)
 {
 	define_settings();
 	render_init_allocators();
+	notify_capture_init();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
@@ -81,7 +91,8 @@ _PG_init(void)
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = notify_shmem_startup;
 
-	register_worker();
+	notify_install_utility_hook();
+	notify_register_launcher();
 }
 
 /* define_settings: every notify.* GUC; the prefix is reserved so typos are errors. */
@@ -89,13 +100,13 @@ static void
 define_settings(void)
 {
 	DefineCustomStringVariable("notify.database",
-							   "Database the notify_ext worker connects to; the only one where the extension may be created.",
-							   NULL,
+							   "Databases notify_ext serves: '*' (every database where the extension is created) or a comma-separated list of names.",
+							   "CREATE EXTENSION notify_ext is refused in a database the list does not name.",
 							   &notify_database,
-							   "postgres",
-							   PGC_POSTMASTER,
+							   "*",
+							   PGC_SIGHUP,
 							   0,
-							   NULL, NULL, NULL);
+							   check_database_list, NULL, NULL);
 
 	DefineCustomIntVariable("notify.poll_interval",
 							"Fallback interval at which the worker looks for work it was not woken for.",
@@ -170,12 +181,39 @@ define_settings(void)
 							   NULL, NULL, NULL);
 
 	DefineCustomIntVariable("notify.workers",
-							"Worker processes, each with its own SMTP connection, sending in parallel.",
-							"Each takes a background worker slot (max_worker_processes); connections are kept open and reused across messages.",
+							"Most worker processes serving one database at once, each with its own SMTP connection.",
+							"Workers are started when a database has work and leave when it has none; each takes a background worker slot (max_worker_processes).",
 							&notify_workers,
-							2, 1, NOTIFY_MAX_WORKERS,
+							2, 1, NOTIFY_WORKER_SLOTS,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.max_workers",
+							"Most worker processes of the whole cluster, all databases together.",
+							"Each takes a background worker slot: max_worker_processes must leave room for them, the launcher and other background workers (parallel query, replication).",
+							&notify_max_workers,
+							4, 1, NOTIFY_WORKER_SLOTS,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.max_databases",
+							"Databases with the extension whose state shared memory keeps.",
+							"A few hundred bytes each; beyond it a database is served only when a worker starts there for another reason.",
+							&notify_max_databases,
+							1024, 16, 1000000,
 							PGC_POSTMASTER,
 							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.worker_idle_timeout",
+							"How long a worker with nothing to do stays before it leaves its database.",
+							"Its database's next due time (a retry, a schedule, a digest) stays in shared memory, and the launcher starts a worker again then; 0 leaves at once.",
+							&notify_worker_idle_timeout,
+							10000, 0, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("notify.smtp_timeout",
@@ -244,279 +282,82 @@ define_settings(void)
 }
 
 /*
- * register_worker: notify.workers static workers, each restarted by the
- * postmaster after a crash.  Several processes rather than one driving
- * several connections: libcurl waits for the reply to an SMTP message's
- * final dot in a blocking call even under its multi interface (curl issue
- * 8555), so one process would send one message at a time whatever it
- * tried; separate processes also keep a stuck server from stopping all
- * sending.
+ * check_database_list: notify.database is '*' or a list of names that
+ * parses (a typo in the quotes would otherwise serve nothing, silently).
  */
-static void
-register_worker(void)
+static bool
+check_database_list(char **newval, void **extra, GucSource source)
 {
-	for (int i = 0; i < notify_workers; i++)
-	{
-	BackgroundWorker worker;
+	char	   *copy;
+	List	   *names;
+	bool		ok;
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	/* a failing worker comes back, but never in a tight loop */
-	worker.bgw_restart_time = 10;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "notify_ext");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "notify_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "notify_ext worker %d", i + 1);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "notify_ext worker");
-	worker.bgw_main_arg = Int32GetDatum(i);
-	RegisterBackgroundWorker(&worker);
+	if (*newval == NULL || strcmp(*newval, "*") == 0)
+		return true;
+	copy = pstrdup(*newval);
+	ok = SplitGUCList(copy, ',', &names);
+	if (!ok)
+		GUC_check_errdetail("notify.database must be '*' or a comma-separated list of database names.");
+	else if (names == NIL)
+	{
+		GUC_check_errdetail("notify.database names no database; '*' serves every database.");
+		ok = false;
 	}
+	list_free(names);
+	pfree(copy);
+	return ok;
 }
 
-/* notify_shmem_request: room for the shared state. */
+/* notify_shmem_request: room for the shared state, and its lock. */
 static void
 notify_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(NotifyShared)));
+	RequestAddinShmemSpace(MAXALIGN(notify_shmem_size()));
+	RequestNamedLWLockTranche("notify_ext", 1);
 }
 
 /* notify_shmem_startup: create or attach to the shared state. */
 static void
 notify_shmem_startup(void)
 {
-	bool		found;
-
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	notify_shared = ShmemInitStruct("notify_ext", sizeof(NotifyShared), &found);
-	if (!found)
-	{
-		memset(notify_shared, 0, sizeof(NotifyShared));
-		SpinLockInit(&notify_shared->mutex);
-		pg_atomic_init_u32(&notify_shared->wake_pending, 0);
-		for (int i = 0; i < NOTIFY_MAX_WORKERS; i++)
-			strlcpy(notify_shared->workers[i].state, "starting", sizeof(notify_shared->workers[i].state));
-	}
-	LWLockRelease(AddinShmemInitLock);
-}
-
-/* notify_wake_workers_except: set the latch of every running worker but one. */
-void
-notify_wake_workers_except(int slot)
-{
-	Latch	   *latches[NOTIFY_MAX_WORKERS];
-	int			n = 0;
-
-	if (notify_shared == NULL)
-		return;
-	SpinLockAcquire(&notify_shared->mutex);
-	for (int i = 0; i < NOTIFY_MAX_WORKERS; i++)
-		if (i != slot && notify_shared->workers[i].latch != NULL)
-			latches[n++] = notify_shared->workers[i].latch;
-	SpinLockRelease(&notify_shared->mutex);
-	for (int i = 0; i < n; i++)
-		SetLatch(latches[i]);
+	notify_shmem_init();
 }
 
 /*
- * notify_wake_one_worker: set the latch of one running worker, an idle one
- * if any (a worker in the middle of a transfer would make the event wait).
- */
-static void
-notify_wake_one_worker(void)
-{
-	Latch	   *latch = NULL;
-	static int	next = 0;
-
-	SpinLockAcquire(&notify_shared->mutex);
-	for (int i = 0; i < NOTIFY_MAX_WORKERS && latch == NULL; i++)
-	{
-		NotifyWorkerSlot *w = &notify_shared->workers[(next + i) % NOTIFY_MAX_WORKERS];
-
-		if (w->latch != NULL && strcmp(w->state, "idle") == 0)
-			latch = w->latch;
-	}
-	for (int i = 0; i < NOTIFY_MAX_WORKERS && latch == NULL; i++)
-	{
-		NotifyWorkerSlot *w = &notify_shared->workers[(next + i) % NOTIFY_MAX_WORKERS];
-
-		if (w->latch != NULL)
-			latch = w->latch;
-	}
-	SpinLockRelease(&notify_shared->mutex);
-	next++;
-	if (latch != NULL)
-		SetLatch(latch);
-	else
-		pg_atomic_write_u32(&notify_shared->wake_pending, 0);	/* nobody to wake: the poll finds it */
-}
-
-/* notify_wake_worker: set every worker's latch now. */
-void
-notify_wake_worker(void)
-{
-	notify_wake_workers_except(-1);
-}
-
-/*
- * notify_rate_admit: whether a message of a rate-limited channel may go
- * now.  Messages go 60 / rate_per_minute seconds apart over all workers.
- * One that comes too early is told when to come back (*until): the held
- * back are spread one interval apart from the next free slot, so they
- * come back one at a time, in order, rather than all at once.  More
- * rate-limited channels than there are shared slots are admitted
- * unlimited, with a warning.
- */
-bool
-notify_rate_admit(const char *channel, int rate_per_minute, TimestampTz now, TimestampTz *until)
-{
-	int64		interval = (int64) (60.0 * USECS_PER_SEC / rate_per_minute);
-	NotifyRateSlot *slot = NULL;
-	bool		admit;
-
-	if (notify_shared == NULL)
-		return true;
-	SpinLockAcquire(&notify_shared->mutex);
-	for (int i = 0; i < NOTIFY_MAX_RATED_CHANNELS; i++)
-	{
-		NotifyRateSlot *r = &notify_shared->rates[i];
-
-		if (strncmp(r->channel, channel, sizeof(r->channel)) == 0)
-		{
-			slot = r;
-			break;
-		}
-		if (slot == NULL && r->channel[0] == '\0')
-			slot = r;
-	}
-	if (slot == NULL)
-	{
-		SpinLockRelease(&notify_shared->mutex);
-		ereport(WARNING,
-				(errmsg("notify_ext: more than %d rate-limited channels; channel \"%s\" is sent without its limit",
-						NOTIFY_MAX_RATED_CHANNELS, channel)));
-		return true;
-	}
-	if (slot->channel[0] == '\0')
-	{
-		strlcpy(slot->channel, channel, sizeof(slot->channel));
-		slot->next_slot = slot->defer_tail = 0;
-	}
-	if (slot->next_slot <= now)
-	{
-		/* keep to the grid when just late (no drift), else start it again from now */
-		slot->next_slot = (slot->next_slot > now - interval ? slot->next_slot : now) + interval;
-		admit = true;
-	}
-	else
-	{
-		*until = Max(slot->defer_tail, slot->next_slot);
-		slot->defer_tail = *until + interval;
-		admit = false;
-	}
-	SpinLockRelease(&notify_shared->mutex);
-	return admit;
-}
-
-/*
- * notify_wake_worker_at_commit: called by whatever writes an event.  The
- * wake-up must wait for the commit, or the worker would look before the
- * event is visible and go back to sleep; an aborted transaction wakes
- * nobody.
- */
-void
-notify_wake_worker_at_commit(void)
-{
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(notify_xact_callback, NULL);
-		xact_callback_registered = true;
-	}
-	wake_at_commit = true;
-}
-
-/* notify_xact_callback: wake the worker when a transaction with events commits. */
-static void
-notify_xact_callback(XactEvent event, void *arg)
-{
-	switch (event)
-	{
-		case XACT_EVENT_COMMIT:
-		case XACT_EVENT_PARALLEL_COMMIT:
-
-			/*
-			 * One worker, once: only the first commit since a worker last
-			 * started a round wakes one (an idle one when there is one); the
-			 * events of later commits are visible to that round, and its
-			 * fan-out wakes the others for the messages.  This runs after the
-			 * commit is visible, so the woken worker sees the event.
-			 */
-			if (wake_all_at_commit)
-				notify_wake_worker();
-			else if (wake_at_commit && notify_shared != NULL &&
-					 pg_atomic_read_u32(&notify_shared->wake_pending) == 0 &&
-					 pg_atomic_exchange_u32(&notify_shared->wake_pending, 1) == 0)
-				notify_wake_one_worker();
-			wake_at_commit = wake_all_at_commit = false;
-			break;
-		case XACT_EVENT_ABORT:
-		case XACT_EVENT_PARALLEL_ABORT:
-		case XACT_EVENT_PREPARE:
-			/* a prepared transaction's events are found by the poll */
-			wake_at_commit = wake_all_at_commit = false;
-			break;
-		default:
-			break;
-	}
-}
-
-/* notify_set_worker_state: what this worker does now, shown by worker_status(). */
-void
-notify_set_worker_state(const char *state)
-{
-	if (notify_shared == NULL || notify_worker_slot < 0)
-		return;
-	SpinLockAcquire(&notify_shared->mutex);
-	strlcpy(notify_shared->workers[notify_worker_slot].state, state,
-			sizeof(notify_shared->workers[notify_worker_slot].state));
-	SpinLockRelease(&notify_shared->mutex);
-}
-
-/*
- * notify_check_database: run by the install script.  Refuses databases
- * other than notify.database, warns when the library is not preloaded
- * (nothing would send), and wakes a worker waiting for the extension.
+ * notify_check_database: run by the install script (of every version).
+ * Refuses a database notify.database does not list, warns when the
+ * library is not preloaded (nothing would send), and at commit has a
+ * worker look at the database at once.
  */
 Datum
 notify_check_database(PG_FUNCTION_ARGS)
 {
 	char	   *dbname = get_database_name(MyDatabaseId);
 
-	if (dbname == NULL || strcmp(dbname, notify_database) != 0)
+	if (!notify_database_listed(dbname))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("notify_ext can only be created in database \"%s\", the one set by notify.database",
+				 errmsg("notify_ext can only be created in the databases notify.database names (\"%s\")",
 						notify_database),
 				 errdetail("This is database \"%s\"; events captured here would never be sent.",
 						   dbname ? dbname : "?"),
-				 errhint("Create the extension in \"%s\", or set notify.database = '%s' in postgresql.conf and restart the server.",
-						 notify_database, dbname ? dbname : "?")));
+				 errhint("Add \"%s\" to notify.database in postgresql.conf and reload, or set it to '*' (every database).",
+						 dbname ? dbname : "?")));
 
 	if (notify_shared == NULL)
 		ereport(WARNING,
 				(errmsg("notify_ext is not in shared_preload_libraries, so no worker will send messages"),
 				 errhint("Add notify_ext to shared_preload_libraries in postgresql.conf and restart the server.")));
 
-	notify_wake_worker_at_commit();
-	wake_all_at_commit = true;
+	notify_database_changed_at_commit();
 	PG_RETURN_VOID();
 }
 
-/* notify_wake: notify._wake_worker(): wake the worker when this transaction commits. */
+/* notify_wake: notify._wake_worker(): wake a worker of this database when this transaction commits. */
 Datum
 notify_wake(PG_FUNCTION_ARGS)
 {
@@ -524,51 +365,211 @@ notify_wake(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* notify_worker_shmem: each worker's pid, state and last error, as it published them. */
+/*
+ * notify_database_changed: notify._database_changed(), called by the
+ * update script and adopt_copy(): at commit, forget what the workers last
+ * found here and have one look again.
+ */
+Datum
+notify_database_changed(PG_FUNCTION_ARGS)
+{
+	notify_database_changed_at_commit();
+	PG_RETURN_VOID();
+}
+
+/*
+ * notify_worker_shmem: notify._worker_shmem() of versions 0.1 and 0.2,
+ * whose worker_status() expected one row per static worker.  The library
+ * no longer has those: refuse, and say what to do.
+ */
 Datum
 notify_worker_shmem(PG_FUNCTION_ARGS)
 {
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	NotifyWorkerSlot slots[NOTIFY_MAX_WORKERS];
-	int			n = 0;
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("the notify_ext library is version %s but the extension's SQL objects are older",
+					NOTIFY_EXT_VERSION),
+			 errhint("Run ALTER EXTENSION notify_ext UPDATE.")));
+	PG_RETURN_VOID();
+}
 
-	InitMaterializedSRF(fcinfo, 0);
-	/* declared by an older version's SQL: refuse rather than write past its row */
-	if (rsinfo->setDesc->natts != 4)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("the notify_ext library is version %s but the extension's SQL objects are older",
-						NOTIFY_EXT_VERSION),
-				 errhint("Run ALTER EXTENSION notify_ext UPDATE.")));
+/*
+ * describe_database: one line for an operator on why this database has
+ * no worker running now, from a copy of its entry (NULL: it has none).
+ */
+static char *
+describe_database(const NotifyDatabase *db, int slots_in_use)
+{
+	char	   *dbname = get_database_name(MyDatabaseId);
+	TimestampTz now = GetCurrentTimestamp();
+
 	if (notify_shared == NULL)
+		return pstrdup("not running: notify_ext is not in shared_preload_libraries");
+	if (!notify_database_listed(dbname))
+		return psprintf("not served: notify.database (\"%s\") does not name this database", notify_database);
+	if (!notify_enabled)
+		return pstrdup("paused (notify.enabled = off)");
+	if (db == NULL)
+		return pstrdup("idle: no worker needed (one starts when work comes)");
+	if (db->leaving_pid != 0)
+		return psprintf("no worker: a DDL of process %d needs the database alone", db->leaving_pid);
+	switch (db->state)
 	{
-		Datum		values[4] = {0, 0, 0, 0};
-		bool		nulls[4] = {true, true, false, true};
-
-		values[2] = CStringGetTextDatum("not running: notify_ext is not in shared_preload_libraries");
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-		return (Datum) 0;
+		case NOTIFY_DB_OTHER_VERSION:
+			return pstrdup("waiting for ALTER EXTENSION notify_ext UPDATE (the library is " NOTIFY_EXT_VERSION ")");
+		case NOTIFY_DB_COPY:
+			return pstrdup("a copy of another database: nothing is sent until SELECT notify.adopt_copy()");
+		case NOTIFY_DB_NO_EXTENSION:
+			return pstrdup("no worker: the extension was dropped when a worker last looked");
+		default:
+			break;
 	}
-	n = Min(notify_workers, NOTIFY_MAX_WORKERS);
-	SpinLockAcquire(&notify_shared->mutex);
-	memcpy(slots, notify_shared->workers, sizeof(NotifyWorkerSlot) * n);
-	SpinLockRelease(&notify_shared->mutex);
+	if (db->requested || (db->due_at != 0 && db->due_at <= now))
+	{
+		if (db->start_after > now)
+			return psprintf("waiting: %d worker start(s) in a row failed (see the server log); next try at %s",
+							db->failures, timestamptz_to_str(db->start_after));
+		if (notify_shared->bgworker_shortage_at != 0)
+			return psprintf("waiting for a background worker slot: all max_worker_processes (%d) are in use (see the server log)",
+							max_worker_processes);
+		if (slots_in_use >= notify_max_workers)
+			return psprintf("waiting for a worker slot: notify.max_workers (%d) workers run in other databases",
+							notify_max_workers);
+		return pstrdup("starting a worker");
+	}
+	if (db->due_at != 0)
+		return psprintf("idle: no worker needed; one starts at %s, when something falls due",
+						timestamptz_to_str(db->due_at));
+	return pstrdup("idle: no worker needed (one starts when work comes)");
+}
+
+/*
+ * notify_workers_shmem: notify._workers(): each running worker of this
+ * database with its own figures, as it published them; or, when none is
+ * running, one row without a pid that says why.
+ */
+Datum
+notify_workers_shmem(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	NotifyWorkerSlot *slots = palloc(sizeof(NotifyWorkerSlot) * NOTIFY_WORKER_SLOTS);
+	NotifyDatabase db;
+	bool		have_db = false;
+	int			n = 0;
+	int			in_use = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+#define WORKERS_NATTS 9
+	InitMaterializedSRF(fcinfo, 0);
+	if (notify_shared != NULL)
+	{
+		NotifyDatabase *e;
+
+		LWLockAcquire(notify_shared->lock, LW_SHARED);
+		for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+		{
+			NotifyWorkerSlot *w = &notify_shared->workers[i];
+
+			if (w->in_use)
+				in_use++;
+			if (w->in_use && w->dboid == MyDatabaseId && w->pid != 0 && !w->exited)
+				slots[n++] = *w;
+		}
+		e = notify_database_entry(MyDatabaseId, false);
+		if (e != NULL)
+		{
+			memcpy(&db, e, sizeof(db));
+			have_db = true;
+		}
+		LWLockRelease(notify_shared->lock);
+	}
 	for (int i = 0; i < n; i++)
 	{
-		Datum		values[4];
-		bool		nulls[4] = {false, false, false, false};
+		Datum		values[WORKERS_NATTS];
+		bool		nulls[WORKERS_NATTS] = {0};
 
-		values[0] = Int32GetDatum(i + 1);
-		if (slots[i].pid != 0)
-			values[1] = Int32GetDatum((int32) slots[i].pid);
-		else
-			nulls[1] = true;
-		values[2] = CStringGetTextDatum(slots[i].pid != 0 ? slots[i].state : "not running");
-		if (slots[i].last_error[0])
-			values[3] = CStringGetTextDatum(slots[i].last_error);
-		else
-			nulls[3] = true;
+		values[0] = Int32GetDatum(slots[i].worker_id);
+		nulls[0] = slots[i].worker_id == 0;
+		values[1] = Int32GetDatum((int32) slots[i].pid);
+		values[2] = CStringGetTextDatum(slots[i].state);
+		values[3] = TimestampTzGetDatum(slots[i].started_at);
+		nulls[3] = slots[i].started_at == 0;
+		values[4] = Int64GetDatum(slots[i].message_id);
+		nulls[4] = slots[i].message_id == 0;
+		values[5] = CStringGetTextDatum(slots[i].channel);
+		nulls[5] = slots[i].channel[0] == '\0';
+		values[6] = Int64GetDatum((int64) notify_sent_last_minute(&slots[i].sent, now));
+		values[7] = CStringGetTextDatum(slots[i].last_error);
+		nulls[7] = slots[i].last_error[0] == '\0';
+		values[8] = TimestampTzGetDatum(slots[i].last_error_at);
+		nulls[8] = slots[i].last_error_at == 0;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	if (n == 0)
+	{
+		Datum		values[WORKERS_NATTS] = {0};
+		bool		nulls[WORKERS_NATTS] = {true, true, false, true, true, true, false, true, true};
+
+		values[2] = CStringGetTextDatum(describe_database(have_db ? &db : NULL, in_use));
+		values[6] = Int64GetDatum(0);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
+}
+
+/*
+ * notify_database_shmem: notify._database_shmem(): what shared memory
+ * knows of this database, for queue_status(): its state in words, its
+ * running workers, what they sent in the last minute, when it next has
+ * something due.
+ */
+Datum
+notify_database_shmem(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, true};
+	NotifyDatabase db;
+	bool		have_db = false;
+	int			running = 0;
+	int			in_use = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	if (notify_shared != NULL)
+	{
+		NotifyDatabase *e;
+
+		LWLockAcquire(notify_shared->lock, LW_SHARED);
+		for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+		{
+			NotifyWorkerSlot *w = &notify_shared->workers[i];
+
+			if (w->in_use)
+				in_use++;
+			if (w->in_use && w->dboid == MyDatabaseId && w->pid != 0 && !w->exited)
+				running++;
+		}
+		e = notify_database_entry(MyDatabaseId, false);
+		if (e != NULL)
+		{
+			memcpy(&db, e, sizeof(db));
+			have_db = true;
+		}
+		LWLockRelease(notify_shared->lock);
+	}
+	if (running > 0)
+		values[0] = CStringGetTextDatum(psprintf("served by %d worker%s", running, running > 1 ? "s" : ""));
+	else
+		values[0] = CStringGetTextDatum(describe_database(have_db ? &db : NULL, in_use));
+	values[1] = Int32GetDatum(running);
+	values[2] = Int64GetDatum(have_db ? (int64) notify_sent_last_minute(&db.sent, now) : 0);
+	if (have_db && db.due_at != 0)
+	{
+		values[3] = TimestampTzGetDatum(db.due_at);
+		nulls[3] = false;
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

@@ -46,7 +46,6 @@ typedef struct ClaimedMessage
 	bool		recorded;		/* its outcome is committed */
 	bool		probe;			/* it probes its failing channel */
 	bool		hold;			/* held: its channel fails; back to the queue, no attempt */
-	bool		requeue;		/* held, but the channel works again: due now, no attempt */
 	int64		event_id;
 	int64		rule_id;
 	bool		has_attachments;
@@ -79,6 +78,7 @@ static List *claimed_rows(uint64 n);
 
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr probe_claim_plan = NULL;
+static SPIPlanPtr hold_lock_plan = NULL;
 static SPIPlanPtr max_age_plan = NULL;
 
 /* what a claim returns of each message */
@@ -95,7 +95,6 @@ static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr attachments_plan = NULL;
 static SPIPlanPtr defer_plan = NULL;
 static SPIPlanPtr renew_plan = NULL;
-static SPIPlanPtr held_plan = NULL;
 
 /* prepare_plans: the sender's statements. */
 static void
@@ -157,6 +156,11 @@ prepare_plans(void)
 								 CLAIM_RETURNING,
 								 3, (Oid[]) {TEXTOID, INT4OID, INT4OID});
 
+	hold_lock_plan = notify_keep_plan(
+							   "SELECT h.channel FROM notify.channel_health h WHERE h.channel = ANY ($1)"
+							   " ORDER BY h.channel FOR SHARE",
+							   1, (Oid[]) {TEXTARRAYOID});
+
 	/*
 	 * notify.max_age: a message that has waited this long (its channel
 	 * failing for days, or retries spent slowly) is dead.  Read through the
@@ -215,15 +219,17 @@ prepare_plans(void)
 							"          code, attempt_response)),"
 							" u AS (UPDATE notify.message m SET"
 							"  status = CASE WHEN r.status = 'retry' AND m.attempts >= $12 THEN 'dead'"
-							"                WHEN r.status IN ('retry', 'hold', 'requeue') THEN 'queued' ELSE r.status END,"
-							"  attempts = CASE WHEN r.status IN ('hold', 'requeue') THEN m.attempts - 1 ELSE m.attempts END,"
+							"                WHEN r.status IN ('retry', 'hold') THEN 'queued' ELSE r.status END,"
+							"  attempts = CASE WHEN r.status = 'hold' THEN m.attempts - 1 ELSE m.attempts END,"
 							"  sent_at = CASE WHEN r.status = 'sent' THEN pg_catalog.now() END,"
-							"  last_error = COALESCE(r.error, CASE WHEN r.status IN ('hold', 'requeue') THEN m.last_error END),"
-							"  smtp_response = COALESCE(r.response, CASE WHEN r.status IN ('hold', 'requeue') THEN m.smtp_response END),"
+							"  last_error = COALESCE(r.error, CASE WHEN r.status = 'hold' THEN m.last_error END),"
+							"  smtp_response = COALESCE(r.response, CASE WHEN r.status = 'hold' THEN m.smtp_response END),"
 							"  next_attempt_at = CASE WHEN r.status = 'retry'"
 							"      THEN pg_catalog.now() + pg_catalog.make_interval(secs => r.delay)"
-							"      WHEN r.status = 'hold' THEN 'infinity'"
-							"      WHEN r.status = 'requeue' THEN pg_catalog.now() ELSE m.next_attempt_at END,"
+							"      WHEN r.status = 'hold' THEN CASE WHEN EXISTS (SELECT 1 FROM notify.channel_health h"
+							"            WHERE h.channel = m.channel AND h.state = 'failing') THEN 'infinity'"
+							"            ELSE pg_catalog.now() END"
+							"      ELSE m.next_attempt_at END,"
 							"  lease_until = NULL "
 							"  FROM r"
 							" WHERE m.id = r.id AND (m.status || '') = 'sending' AND m.attempts = r.attempts"
@@ -250,12 +256,6 @@ prepare_plans(void)
 							   "       next_attempt_at = $2, lease_until = NULL"
 							   " WHERE id = $1 AND (status || '') = 'sending' AND attempts = $3",
 							   3, defer_t);
-		/* the health of a recording's channels, locked in name order (see lock_batch_health) */
-		held_plan = notify_keep_plan(
-							  "SELECT h.channel, h.state FROM notify.channel_health h"
-							  " WHERE h.channel = ANY ($1) AND (h.state = 'failing' OR h.channel = ANY ($2))"
-							  " ORDER BY h.channel FOR UPDATE",
-							  2, (Oid[]) {TEXTARRAYOID, TEXTARRAYOID});
 		/* messages still ours, in flight or waiting their turn: keep them ours */
 		renew_plan = notify_keep_plan(
 							   "UPDATE notify.message SET lease_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2)"
@@ -391,7 +391,7 @@ static List *
 claim_messages(int batch_size)
 {
 	Datum		args[4] = {Int32GetDatum(batch_size), Int32GetDatum(notify_lease),
-	Int32GetDatum(notify_worker_slot), Int32GetDatum(notify_workers)};
+	Int32GetDatum(notify_worker_id), Int32GetDatum(notify_workers)};
 	uint64		n;
 	List	   *claimed = NIL;
 	int			nestlevel;
@@ -572,6 +572,7 @@ record_results(List *claimed)
 	ArrayArg	r[RECORD_NARGS - 1];
 	Datum		args[RECORD_NARGS];
 	int			ret;
+	int			nsent = 0;
 
 	array_arg_init(&r[0], INT8OID, size);	/* id */
 	array_arg_init(&r[1], TEXTOID, size);	/* status */
@@ -613,12 +614,13 @@ record_results(List *claimed)
 		 * given back; only a try that reached the channel leaves a row.
 		 */
 		if (m->hold)
-			status = m->requeue ? "requeue" : "hold", outcome = "";
+			status = "hold", outcome = "";
 		else
 			switch (m->result.outcome)
 			{
 				case SEND_SENT:
 					status = outcome = "sent";
+					nsent++;
 					break;
 				case SEND_FAILED:
 					status = outcome = "failed";
@@ -650,6 +652,7 @@ record_results(List *claimed)
 	}
 	if (r[0].n == 0)
 		return;
+	notify_count_sent(nsent);
 
 	for (int i = 0; i < RECORD_NARGS - 1; i++)
 		args[i] = array_arg_datum(&r[i]);
@@ -787,26 +790,26 @@ note_outcome(ClaimedMessage *m)
 	}
 }
 
-/* compare_channels: BatchChannels by name, for list_sort. */
-static int
-compare_channels(const ListCell *a, const ListCell *b)
-{
-	return strcmp(((BatchChannel *) lfirst(a))->name, ((BatchChannel *) lfirst(b))->name);
-}
-
 /*
- * record_health: the batch's channels' failures and recoveries since the
- * last commit, in the caller's transaction; true when a channel works
- * again (its held messages are due now).
+ * record_health: the batch's channels' failures (failures true) or
+ * recoveries (false) since the last commit, in the caller's transaction;
+ * true when a channel works again (its held messages are due now).
+ *
+ * Failures are recorded before the messages, recoveries after: a message
+ * held in the same transaction then finds its channel failing, and one
+ * released finds itself among those made due.  Messages this batch held
+ * without trying (its channel was failing when claimed) are recorded under
+ * a share lock on their channel's health row (hold_lock_plan), so that a
+ * recovery committed meanwhile by another worker, which takes that row
+ * for update, is seen: they are then due at once instead of held for a
+ * channel that works.
  */
 static bool
-record_health(void)
+record_health(bool failures)
 {
 	ListCell   *lc;
 	bool		recovered = false;
 
-	/* in name order, as lock_batch_health locked them (a first failure inserts its row here) */
-	list_sort(batch_channels, compare_channels);
 	foreach(lc, batch_channels)
 	{
 		BatchChannel *bc = (BatchChannel *) lfirst(lc);
@@ -814,9 +817,18 @@ record_health(void)
 		if (bc->last_event == NULL)
 			continue;
 		if (strcmp(bc->last_event, "failed") == 0)
+		{
+			if (!failures)
+				continue;
 			health_channel_failed(bc->name, bc->failure, bc->failure_by_probe);
-		else if (health_channel_works(bc->name))
-			recovered = true;
+		}
+		else
+		{
+			if (failures)
+				continue;
+			if (health_channel_works(bc->name))
+				recovered = true;
+		}
 		bc->last_event = NULL;
 		bc->failure = NULL;
 		bc->answered = false;
@@ -824,95 +836,26 @@ record_health(void)
 	return recovered;
 }
 
-/*
- * lock_batch_health: first in the recording transaction, when it holds
- * messages or records a failure: the health rows it is about to read or
- * write, locked in the channels' name order (FOR UPDATE), so that workers
- * recording at once queue up instead of locking the same rows in opposite
- * orders.  Locked are the rows of the channels this batch saw fail, and of
- * the others it holds messages of, or saw answer, that are failing (a row
- * that is 'ok' is not locked: a batch that only sent, the usual case,
- * runs no statement here and waits for nobody).
- *
- * A channel whose messages the batch held (it was failing when the batch
- * began) and that works again by now (its row is not returned): the held
- * messages go back to the queue, due now, and the rest of the batch is
- * sent.  One still failing stays locked until the holds are committed: a
- * worker whose probe finds it working waits for that, and its release of
- * the held messages sees the holds.  Before, holds committed just after
- * such a release stayed held ('infinity') with the channel 'ok', for good:
- * a worker stopped by SIGTERM in the middle of a transfer made its channel
- * fail, and its successors held what they claimed while one of them probed
- * (test_faults.py, test_worker_killed_while_sending[sigterm]).
- */
+/* lock_held_channels: the health rows of the channels whose messages this batch holds. */
 static void
-lock_batch_health(List *claimed)
+lock_held_channels(List *claimed)
 {
 	ListCell   *lc;
-	ListCell   *mc;
-	List	   *channels = NIL;
-	List	   *held = NIL;
-	bool		failed = false;
-	Datum	   *all;
-	Datum	   *failures;
-	int			nall = 0;
-	int			nfailures = 0;
-	Datum		args[2];
-	uint64		n;
+	Datum	   *names = palloc(sizeof(Datum) * Max(list_length(claimed), 1));
+	int			n = 0;
+	Datum		arg;
 
-	foreach(lc, batch_channels)
+	foreach(lc, claimed)
 	{
-		BatchChannel *bc = (BatchChannel *) lfirst(lc);
-		bool		holds = false;
+		ClaimedMessage *m = (ClaimedMessage *) lfirst(lc);
 
-		foreach(mc, claimed)
-		{
-			ClaimedMessage *m = (ClaimedMessage *) lfirst(mc);
-
-			holds |= m->bc == bc && m->hold && m->tried && !m->recorded;
-		}
-		if (holds && bc->last_event == NULL)
-			held = lappend(held, bc);
-		if (bc->last_event != NULL && strcmp(bc->last_event, "failed") == 0)
-			failed = true;
-		if (holds || bc->last_event != NULL)
-			channels = lappend(channels, bc);
+		if (m->hold && m->tried && !m->recorded)
+			names[n++] = CStringGetTextDatum(m->channel);
 	}
-	if (held == NIL && !failed)
+	if (n == 0)
 		return;
-	list_sort(channels, compare_channels);
-	all = palloc(sizeof(Datum) * list_length(channels));
-	failures = palloc(sizeof(Datum) * list_length(channels));
-	foreach(lc, channels)
-	{
-		BatchChannel *bc = (BatchChannel *) lfirst(lc);
-
-		all[nall++] = CStringGetTextDatum(bc->name);
-		if (bc->last_event != NULL && strcmp(bc->last_event, "failed") == 0)
-			failures[nfailures++] = CStringGetTextDatum(bc->name);
-	}
-	args[0] = notify_array(all, NULL, nall, TEXTOID);
-	args[1] = notify_array(failures, NULL, nfailures, TEXTOID);
-	n = notify_run_plan(held_plan, args, NULL, false, 0, SPI_OK_SELECT, "locking the batch's channels' health");
-	foreach(lc, held)
-	{
-		BatchChannel *bc = (BatchChannel *) lfirst(lc);
-		bool		failing = false;
-
-		for (uint64 i = 0; i < n && !failing; i++)
-			failing = strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1), bc->name) == 0 &&
-				strcmp(SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2), "failing") == 0;
-		if (failing)
-			continue;
-		bc->failing = false;
-		foreach(mc, claimed)
-		{
-			ClaimedMessage *m = (ClaimedMessage *) lfirst(mc);
-
-			if (m->bc == bc && m->hold && m->tried && !m->recorded)
-				m->requeue = true;
-		}
-	}
+	arg = PointerGetDatum(construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT));
+	notify_run_plan(hold_lock_plan, &arg, NULL, false, 0, SPI_OK_SELECT, "locking held channels");
 }
 
 /*
@@ -929,9 +872,10 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	HOLD_INTERRUPTS();
 	begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
-	lock_batch_health(claimed);
+	record_health(true);
+	lock_held_channels(claimed);
 	record_results(claimed);
-	recovered = record_health();
+	recovered = record_health(false);
 	if (renew)
 		renew_leases(claimed);
 	MemoryContextSwitchTo(batch);
@@ -1002,9 +946,16 @@ start_message(ClaimedMessage *m)
 	else if (rate > 0 && !notify_rate_admit(m->channel, rate, m->started, &until))
 		m->defer_until = until;
 	else if (m->hook != NULL)
+	{
 		webhook_send(m->hook, &m->out, &m->result);
+		if (m->result.aborted)
+			return false;		/* the worker stops: left to reclaim_orphans, as above */
+	}
 	else if (smtp_pool_start(pool, m->cfg, &m->out, &m->result, m->out.id))
+	{
+		notify_set_worker_message(m->out.id, m->channel);
 		return true;
+	}
 	m->finished = GetCurrentTimestamp();
 	m->tried = true;
 	note_outcome(m);
@@ -1075,7 +1026,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 			SendResult	done_result;
 
 			/* fill the free connections; a worker asked to stop starts nothing new */
-			while (next != NULL && !ProcDiePending && smtp_pool_active(pool) < 1)
+			while (next != NULL && !ProcDiePending && !notify_worker_stop_requested() &&
+				   smtp_pool_active(pool) < 1)
 			{
 				ClaimedMessage *m = (ClaimedMessage *) lfirst(next);
 
@@ -1083,7 +1035,8 @@ send_due_messages(int batch_size, long *next_due_ms)
 				if (!start_message(m))
 					unrecorded++;
 			}
-			if (smtp_pool_active(pool) == 0 && (next == NULL || ProcDiePending))
+			if (smtp_pool_active(pool) == 0 &&
+				(next == NULL || ProcDiePending || notify_worker_stop_requested()))
 				break;
 
 			if (smtp_pool_next_done(pool, 1000, &done_id, &done_result))
@@ -1092,9 +1045,17 @@ send_due_messages(int batch_size, long *next_due_ms)
 
 				done->result = done_result;
 				done->finished = GetCurrentTimestamp();
-				done->tried = true;
-				note_outcome(done);
-				unrecorded++;
+				/*
+				 * Cut short because this worker stops: left 'sending', taken back
+				 * with an 'unknown' attempt when a worker starts again
+				 * (reclaim_orphans); it says nothing of the channel.
+				 */
+				done->tried = !done_result.aborted;
+				if (done->tried)
+				{
+					note_outcome(done);
+					unrecorded++;
+				}
 			}
 			/* a crash resends what is sent but not recorded: keep that window small */
 			if (unrecorded >= RECORD_EVERY ||

@@ -552,8 +552,12 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	appendStringInfo(headers, "From: %s\r\n", from_header);
 	appendStringInfo(headers, "To: %s\r\n", to_header);
 	appendStringInfo(headers, "Subject: %s\r\n", subject);
+	/* the database's token makes it unique across databases and clusters (identity.c) */
 	appendStringInfo(headers, "Message-ID: %s\r\n",
-					 mime_message_id(msg->id_kind ? msg->id_kind : "notify.message", msg->id, mime_domain_of(client->cfg.from_address),
+					 mime_message_id(notify_database_token()[0]
+									 ? psprintf("%s.%s", msg->id_kind ? msg->id_kind : "notify.message", notify_database_token())
+									 : (msg->id_kind ? msg->id_kind : "notify.message"),
+									 msg->id, mime_domain_of(client->cfg.from_address),
 									 idbuf, sizeof(idbuf)));
 	/* RFC 3834: tells auto-responders not to answer a machine */
 	appendStringInfoString(headers, "Auto-Submitted: auto-generated\r\n");
@@ -648,6 +652,8 @@ classify_transfer(SmtpClient *client, CURLcode res, const char *why)
 		err[strlen(err) - 1] = '\0';
 	release_transfer(client);
 
+	/* the worker stops (or test_smtp's query was cancelled): no word on the message or the channel */
+	result->aborted = (res == CURLE_ABORTED_BY_CALLBACK);
 	if (res == CURLE_OK)
 	{
 		result->outcome = SEND_SENT;

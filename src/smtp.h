@@ -25,6 +25,7 @@ typedef enum SendOutcome
 typedef struct SendResult
 {
 	SendOutcome outcome;
+	bool		aborted;		/* cut short because the worker is stopping: not an outcome */
 	int			code;			/* last SMTP reply code, 0 if none */
 	char		response[512];	/* the server's last reply line */
 	char		error[512];		/* what went wrong, for the log */

@@ -159,6 +159,7 @@ classify(CURLcode res, long code, const WebhookResponse *resp, const char *curl_
 				 resp->status[0] ? resp->status : psprintf("%ld", code),
 				 excerpt[0] ? ": " : "", excerpt);
 
+	result->aborted = (res == CURLE_ABORTED_BY_CALLBACK);
 	if (res != CURLE_OK)
 	{
 		const char *why = curl_err[0] ? curl_err : curl_easy_strerror(res);

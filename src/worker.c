@@ -1,14 +1,27 @@
 /*-------------------------------------------------------------------------
  *
  * worker.c
- *	  The background worker's loop: wait for a wake-up (a commit that wrote
- *	  events) or the poll interval, then fan out pending events and send
- *	  due messages until there is nothing left, then wait again.
+ *	  A worker's life in one database: started by the launcher when the
+ *	  database has work, it waits for a wake-up (a commit that wrote
+ *	  events) or the poll interval, fans out pending events and sends due
+ *	  messages until there is nothing left, and leaves when it has had
+ *	  nothing to do for notify.worker_idle_timeout, recording in shared
+ *	  memory when its database next has something due.
  *
  * Orchestration only: the work itself is in fanout.c and sender.c.  Any
  * error escaping a round is logged, its transaction aborted, and the loop
  * goes on after a pause that grows with repeated failures: the worker
  * must neither die of a bad row nor spin on a persistent fault.
+ *
+ * A worker leaves (and its database holds no process) when:
+ *   - it is idle for notify.worker_idle_timeout, or at once when it was
+ *     started for the census, or when another database waits for a slot;
+ *   - the launcher asks for its slot (another database waits) or a DDL
+ *     needs the database alone: it finishes the message in flight first;
+ *   - there is nothing it may do: no extension, an older version of it, a
+ *     copy (see identity.c), or notify.enabled = off.  Its database's
+ *     state in shared memory then keeps the launcher from starting another
+ *     until that changes.
  *
  *-------------------------------------------------------------------------
  */
@@ -34,6 +47,9 @@
 #include "catalog/pg_type.h"
 #include "utils/guc.h"
 #include "utils/wait_event.h"
+#include "utils/array.h"
+#include "utils/lsyscache.h"
+#include "commands/dbcommands.h"
 
 #include "notify_ext.h"
 #include "smtp.h"
@@ -56,39 +72,176 @@ static MemoryContext round_cxt = NULL;
 static TimestampTz last_listen = 0;
 
 int			notify_worker_slot = -1;
+int32		notify_worker_id = 0;
 
-/* unpublish_worker: forget our latch in shared memory when we exit. */
-static void
-unpublish_worker(int code, Datum arg)
+/*
+ * How this worker leaves, read by its exit callback: when its database has
+ * something due next (0: nothing known), whether work is left that the
+ * launcher must give to a new worker, whether the exit is a failure.
+ */
+static TimestampTz leave_due_at = 0;
+static bool leave_with_request = true;	/* an exit we did not choose: look again */
+static bool leave_clean = false;
+
+/* When the last round did something; the idle timeout counts from it. */
+static TimestampTz last_work_at = 0;
+/* The last round left work due now (a full claim, a full fan-out). */
+static bool backlog = false;
+static TimestampTz help_asked_at = 0;
+
+/* Whether this worker did anything: a census worker with work stays like any other. */
+static bool worked = false;
+/* The database's name, read once (a rename makes the workers leave first). */
+static char *my_dbname = "?";
+
+static void leave_database(const char *why) pg_attribute_noreturn();
+
+/* find_my_database: this worker's database entry, or NULL (with create: created if needed). */
+static NotifyDatabase *
+find_my_database(bool create)
 {
-	NotifyWorkerSlot *slot;
+	static NotifyDatabase *cached = NULL;
+	NotifyDatabase *db;
 
-	sender_shutdown();
-	if (notify_shared == NULL)
-		return;
-	slot = &notify_shared->workers[notify_worker_slot];
-	SpinLockAcquire(&notify_shared->mutex);
-	if (slot->pid == MyProcPid)
-	{
-		slot->pid = 0;
-		slot->latch = NULL;
-		strlcpy(slot->state, "stopped", sizeof(slot->state));
-	}
-	SpinLockRelease(&notify_shared->mutex);
+	/* stable while we are connected: only a dropped database's entry is freed */
+	if (cached != NULL && cached->dboid == MyDatabaseId)
+		return cached;
+	LWLockAcquire(notify_shared->lock, create ? LW_EXCLUSIVE : LW_SHARED);
+	db = notify_database_entry(MyDatabaseId, create);
+	LWLockRelease(notify_shared->lock);
+	cached = db;
+	return db;
 }
 
-/* publish_worker: let backends find our latch to wake us at commit. */
+/*
+ * my_database_entry: this worker's database entry, created if needed: once
+ * the extension is found (a census worker in a database without it makes
+ * none).
+ */
+static NotifyDatabase *
+my_database_entry(void)
+{
+	return find_my_database(true);
+}
+
+/*
+ * worker_exit: the slot says we are gone, and the database's entry says
+ * what we left: when something falls due, or that work is left (a new
+ * worker is needed: an exit we did not choose, a slot given up with a
+ * backlog).  An exit that is neither chosen nor asked for (an error, a
+ * crash of the connection) counts as a failure: the next start waits a
+ * little longer, so that a persistent fault cannot make workers spin.
+ */
 static void
-publish_worker(void)
+worker_exit(int code, Datum arg)
 {
 	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
+	NotifyDatabase *db;
+	Latch	   *launcher;
+	TimestampTz now = GetCurrentTimestamp();
 
-	SpinLockAcquire(&notify_shared->mutex);
-	slot->pid = MyProcPid;
-	slot->latch = MyLatch;
-	slot->last_error[0] = '\0';
-	SpinLockRelease(&notify_shared->mutex);
-	before_shmem_exit(unpublish_worker, (Datum) 0);
+	sender_shutdown();
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	if (slot->pid == MyProcPid)
+	{
+		db = OidIsValid(slot->dboid) ? notify_database_entry(slot->dboid, false) : NULL;
+		if (db != NULL)
+		{
+			if (leave_due_at != 0)
+				db->due_at = leave_due_at;
+			if (leave_with_request)
+				notify_request_worker(db);
+			if (!leave_clean && !slot->stop && slot->served && code != 0)
+			{
+				db->failures++;
+				db->start_after = TimestampTzPlusMilliseconds(now, Min(60000L, 1000L << Min(db->failures - 1, 6)));
+			}
+			if (db->workers_wanted > 0)
+				db->workers_wanted--;
+		}
+		slot->exited = true;
+		slot->exiting = true;
+		slot->latch = NULL;
+		strlcpy(slot->state, "gone", sizeof(slot->state));
+	}
+	launcher = notify_shared->launcher_latch;
+	LWLockRelease(notify_shared->lock);
+	if (launcher != NULL)
+		SetLatch(launcher);
+}
+
+/*
+ * take_slot: the slot the launcher registered us in, if it is still ours
+ * (its generation is the one we were started with); publishes our pid
+ * and latch there.
+ */
+static bool
+take_slot(int slot_index, uint32 generation)
+{
+	NotifyWorkerSlot *slot;
+	bool		ok;
+
+	if (slot_index < 0 || slot_index >= NOTIFY_WORKER_SLOTS)
+		return false;
+	slot = &notify_shared->workers[slot_index];
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	ok = slot->in_use && slot->generation == generation && slot->pid == 0 && !slot->exited;
+	if (ok)
+	{
+		slot->pid = MyProcPid;
+		slot->latch = MyLatch;
+		slot->started_at = GetCurrentTimestamp();
+		slot->last_error[0] = '\0';
+	}
+	LWLockRelease(notify_shared->lock);
+	return ok;
+}
+
+/* database_leaving: whether a DDL needs this database alone (see ddl.c). */
+static bool
+database_leaving(void)
+{
+	NotifyDatabase *db;
+	bool		leaving = false;
+
+	LWLockAcquire(notify_shared->lock, LW_SHARED);
+	db = notify_database_entry(MyDatabaseId, false);
+	if (db != NULL)
+		leaving = db->leaving_pid != 0;
+	LWLockRelease(notify_shared->lock);
+	return leaving;
+}
+
+/*
+ * set_database_state: what this worker found here, for the launcher (no
+ * worker is started in a database that waits for something) and for
+ * worker_status().  Returns true the first time the state is set since it
+ * last changed: the caller logs its one line then.
+ */
+static bool
+set_database_state(NotifyDbState state)
+{
+	NotifyDatabase *db = my_database_entry();
+	bool		first = false;
+
+	if (db == NULL)
+		return false;
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	if (db->dboid == MyDatabaseId)
+	{
+		if (db->state != state)
+		{
+			db->state = state;
+			db->state_logged = false;
+		}
+		if (!db->state_logged)
+		{
+			db->state_logged = true;
+			first = true;
+		}
+	}
+	LWLockRelease(notify_shared->lock);
+	return first;
 }
 
 /*
@@ -99,8 +252,11 @@ publish_worker(void)
 static void
 listen_for_commits(void)
 {
+	NotifyDatabase *db = find_my_database(false);
+
 	last_listen = GetCurrentTimestamp();
-	pg_atomic_write_u32(&notify_shared->wake_pending, 0);
+	if (db != NULL)
+		pg_atomic_write_u32(&db->wake_pending, 0);
 	pg_memory_barrier();
 }
 
@@ -139,9 +295,10 @@ record_worker_error(const char *msg)
 {
 	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
 
-	SpinLockAcquire(&notify_shared->mutex);
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
 	strlcpy(slot->last_error, msg ? msg : "", sizeof(slot->last_error));
-	SpinLockRelease(&notify_shared->mutex);
+	slot->last_error_at = GetCurrentTimestamp();
+	LWLockRelease(notify_shared->lock);
 }
 
 /* What the worker found of the extension in its database. */
@@ -247,16 +404,50 @@ extension_gone(void)
 }
 
 /*
- * reclaim_orphans: at start, messages left 'sending' by this worker's slot
- * can only belong to a predecessor that died: take them back at once
- * rather than waiting for their lease.  Other workers' are theirs.
+ * take_worker_id: this worker's number in its database, from the
+ * database's own sequence (notify.worker_seq), published in our slot
+ * before we claim anything.  It is what our claims carry
+ * (notify.message.claimed_by) and what worker_status() shows: numbers only
+ * grow, across restarts too, so that a claim can be told to be a dead
+ * predecessor's (see reclaim_orphans).
+ */
+static void
+take_worker_id(void)
+{
+	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
+	bool		isnull;
+
+	if (SPI_execute("SELECT pg_catalog.nextval('notify.worker_seq')::integer", false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "notify_ext: could not take a worker number from notify.worker_seq");
+	notify_worker_id = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	slot->worker_id = notify_worker_id;
+	LWLockRelease(notify_shared->lock);
+}
+
+/*
+ * reclaim_orphans: at start (and after a failed round), take back at once,
+ * rather than when their lease runs out, the messages left 'sending' by a
+ * worker that is gone: our own (a failed round gave them up), and those of
+ * any worker of this database numbered before us that is not running now.
+ * Running workers' claims are theirs; so are those of workers numbered
+ * after us (started meanwhile).
+ *
+ * Order matters: the statement's snapshot is taken before the running
+ * workers are read.  A claim it can see was committed before it, by a
+ * worker that had published its number before claiming: that worker is
+ * in the list if it is still running.
  */
 static void
 reclaim_orphans(void)
 {
 	int			ret;
-	Oid			argtype = INT4OID;
-	Datum		arg = Int32GetDatum(notify_worker_slot);
+	Oid			argtypes[2] = {INT4OID, INT4ARRAYOID};
+	Datum		args[2];
+	Datum		live[NOTIFY_WORKER_SLOTS];
+	int			nlive = 0;
+	SPIPlanPtr	plan;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -264,29 +455,232 @@ reclaim_orphans(void)
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "notify_ext: reclaiming messages");
+	if (notify_worker_id == 0)
+		take_worker_id();
+	PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+
+	LWLockAcquire(notify_shared->lock, LW_SHARED);
+	for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+	{
+		NotifyWorkerSlot *w = &notify_shared->workers[i];
+
+		if (i != notify_worker_slot && w->in_use && w->dboid == MyDatabaseId && !w->exited &&
+			w->worker_id != 0)
+			live[nlive++] = Int32GetDatum(w->worker_id);
+	}
+	LWLockRelease(notify_shared->lock);
+	args[0] = Int32GetDatum(notify_worker_id);
+	args[1] = PointerGetDatum(construct_array(live, nlive, INT4OID, sizeof(int32), true, TYPALIGN_INT));
+
 	/*
 	 * Each is an attempt whose outcome nobody recorded: the log says so
 	 * (the server may have the message; the next one has the same
 	 * Message-ID).
 	 */
-	ret = SPI_execute_with_args("WITH t AS (UPDATE notify.message SET status = 'queued', lease_until = NULL, "
-								"next_attempt_at = pg_catalog.now() WHERE status = 'sending' AND claimed_by = $1 "
-								"RETURNING id) "
-								"INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, response) "
-								"SELECT t.id, pg_catalog.now(), pg_catalog.now(), 'unknown', "
-								"'taken back: the worker sending it stopped, or its round failed, before the outcome "
-								"was recorded; it is sent again, with the same Message-ID' FROM t",
-								1, &argtype, &arg, NULL, false, 0);
+	plan = SPI_prepare("WITH t AS (UPDATE notify.message SET status = 'queued', lease_until = NULL, "
+					   "next_attempt_at = pg_catalog.now() WHERE status = 'sending' "
+					   "AND (claimed_by IS NULL OR claimed_by OPERATOR(pg_catalog.=) $1 "
+					   "     OR (claimed_by OPERATOR(pg_catalog.<) $1 AND claimed_by OPERATOR(pg_catalog.<>) ALL ($2))) "
+					   "RETURNING id) "
+					   "INSERT INTO notify.attempt (message_id, started_at, finished_at, outcome, response) "
+					   "SELECT t.id, pg_catalog.now(), pg_catalog.now(), 'unknown', "
+					   "'taken back: the worker sending it stopped, or its round failed, before the outcome "
+					   "was recorded; it is sent again, with the same Message-ID' FROM t",
+					   2, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "could not prepare the reclaim of messages: %s", SPI_result_code_string(SPI_result));
+	ret = SPI_execute_snapshot(plan, args, NULL, GetActiveSnapshot(), InvalidSnapshot, false, true, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not reclaim messages: %s", SPI_result_code_string(ret));
 	if (SPI_processed > 0)
 		ereport(LOG,
-				(errmsg("notify_ext: took back %llu message(s) a previous worker had claimed",
+				(errmsg("notify_ext: took back %llu message(s) that a worker which is gone had claimed",
 						(unsigned long long) SPI_processed)));
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * check_identity: whether this database is the one the extension was
+ * created in (see identity.c); keeps its token for the Message-IDs.
+ * *reason says why not; *from_template is set when it was copied from a
+ * template database.
+ */
+static bool
+check_identity(char **reason, bool *from_template)
+{
+	bool		ok = true;
+	MemoryContext caller = CurrentMemoryContext;
+
+	*reason = NULL;
+	*from_template = false;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute("SELECT token, copy_reason, source_is_template FROM notify._identity()", true, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "notify_ext: could not read this database's identity");
+	else
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *why = SPI_getvalue(tup, desc, 2);
+		bool		isnull;
+
+		notify_set_database_token(SPI_getvalue(tup, desc, 1));
+		if (why != NULL)
+		{
+			ok = false;
+			*reason = MemoryContextStrdup(caller, why);
+			*from_template = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull)) && !isnull;
+		}
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	return ok;
+}
+
+/*
+ * adopt_template_copy: a database created from a template database (one
+ * marked datistemplate, such as template1 with the extension in it, so
+ * that every new database has it) is a copy by the rule, but one meant to
+ * be made: it adopts itself, with notify.adopt_copy()'s defaults (what
+ * the template had queued is not sent).
+ */
+static void
+adopt_template_copy(void)
+{
+	char	   *summary = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute("SELECT notify.adopt_copy(false)", false, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		summary = MemoryContextStrdup(caller,
+									  SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	ereport(LOG,
+			(errmsg("notify_ext: database \"%s\" was created from a template database; it adopts itself: %s",
+					my_dbname, summary ? summary : "?")));
+}
+
+/*
+ * due_at_leaving: when this database next has something due, read as the
+ * worker leaves: the next retry, the end of a lease of a message some
+ * worker may have left 'sending', the next schedule or digest, the next
+ * read of a bounce mailbox, or now for an event not yet fanned out.  0 when nothing is.
+ */
+static TimestampTz
+due_at_leaving(void)
+{
+	volatile TimestampTz due = 0;
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		/* dropped meanwhile: nothing is due */
+		if (OidIsValid(get_extension_oid("notify_ext", true)) &&
+			SPI_execute("SELECT LEAST("
+						" (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m WHERE m.status = 'queued'),"
+						" (SELECT pg_catalog.min(m.lease_until) FROM notify.message m WHERE m.status = 'sending'),"
+						" (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m WHERE m.status = 'digest'),"
+						" (SELECT pg_catalog.min(s.next_run) FROM notify.schedule s),"
+						" (SELECT pg_catalog.min(b.next_check_at) FROM notify.bounce_mailbox b),"
+						" (SELECT pg_catalog.min(e.occurred_at) FROM notify.event e WHERE e.processed_at IS NULL))",
+						true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		{
+			bool		isnull;
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull && !TIMESTAMP_NOT_FINITE(DatumGetTimestampTz(d)))
+				due = Max(DatumGetTimestampTz(d), 1);
+		}
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		/* not knowing is no reason to stay: ask for a worker to look again */
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		due = GetCurrentTimestamp();
+	}
+	PG_END_TRY();
+	return due;
+}
+
+/*
+ * leave_database: exit, recording why.  A worker that leaves of its own
+ * accord has its database's next due time recorded (due: compute it);
+ * one asked to give its slot up with work left asks for a new worker.
+ */
+static void
+leave_database(const char *why)
+{
+	ereport(DEBUG1, (errmsg("notify_ext worker %d leaves database \"%s\": %s",
+							notify_worker_id, my_dbname, why)));
+	leave_clean = true;
+	proc_exit(0);
+}
+
+/*
+ * try_to_leave: leave if no commit came since the last round (see
+ * serve_my_database in shmem.c for the other side): mark ourselves
+ * exiting, then look at wake_pending; a commit that came meanwhile keeps
+ * us here, unless we were asked to leave (asked), when it is handed to
+ * the next worker.  With work left, the launcher is asked for a new
+ * worker instead of a due time being recorded.  Returns only when we
+ * stay.
+ */
+static void
+try_to_leave(const char *why, bool work_left, bool asked)
+{
+	NotifyWorkerSlot *slot = &notify_shared->workers[notify_worker_slot];
+	NotifyDatabase *db = my_database_entry();
+
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	slot->exiting = true;
+	LWLockRelease(notify_shared->lock);
+	pg_memory_barrier();
+	if (!work_left && db != NULL && pg_atomic_read_u32(&db->wake_pending) != 0)
+	{
+		if (asked)
+			work_left = true;	/* it goes all the same: the commit is the next worker's */
+		else
+		{
+			LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+			slot->exiting = false;
+			LWLockRelease(notify_shared->lock);
+			return;
+		}
+	}
+	if (work_left)
+	{
+		leave_due_at = 0;
+		leave_with_request = true;
+	}
+	else
+	{
+		leave_due_at = due_at_leaving();
+		leave_with_request = false;
+	}
+	leave_database(why);
 }
 
 /*
@@ -340,15 +734,30 @@ fanout_round(void)
 static void
 purge_old_rows(void)
 {
-	static TimestampTz last_purge = 0;
+	NotifyDatabase *db = my_database_entry();
 	TimestampTz now = GetCurrentTimestamp();
 	int			ret;
 	Datum		arg;
 	Oid			argtype = INT4OID;
+	bool		due;
 
-	if (notify_retention <= 0 || !TimestampDifferenceExceeds(last_purge, now, 10 * 60 * 1000))
+	/*
+	 * The time of the last purge is the database's, not the worker's:
+	 * workers come and go, and each would purge at its start.  The first
+	 * purge after the server starts comes ten minutes after the first
+	 * worker; a database without activity grows no rows to purge.
+	 */
+	if (notify_retention <= 0 || db == NULL)
 		return;
-	last_purge = now;
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	if (db->purged_at == 0)
+		db->purged_at = now;
+	due = TimestampDifferenceExceeds(db->purged_at, now, 10 * 60 * 1000);
+	if (due)
+		db->purged_at = now;
+	LWLockRelease(notify_shared->lock);
+	if (!due)
+		return;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	notify_lock_extension();
@@ -400,15 +809,115 @@ run_schedules_if_due(long *next_ms)
 }
 
 /*
+ * ask_for_help: the queue has more due than this worker takes at once:
+ * ask the launcher for a worker per two due messages, up to notify.workers
+ * (each sends one message at a time, so a slow server is waited for in
+ * parallel; starting a process costs about as much as sending two messages
+ * to a relay nearby, so two do not get a second one).  Looked at after a
+ * fan-out that made messages and after a full claim, at most every 100 ms.
+ */
+static void
+ask_for_help(void)
+{
+	NotifyDatabase *db = my_database_entry();
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			argtype = INT4OID;
+	Datum		arg = Int32GetDatum(notify_workers);
+	int64		due = 0;
+	int			running = 0;
+	int			wanted;
+	bool		isnull;
+	Latch	   *launcher = NULL;
+
+	if (db == NULL || notify_workers <= 1 ||
+		(help_asked_at != 0 && !TimestampDifferenceExceeds(help_asked_at, now, 100)))
+		return;
+	help_asked_at = now;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	arg = Int32GetDatum(notify_workers * 2);
+	if (SPI_execute_with_args("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM notify.message m"
+							  " WHERE m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now() LIMIT $1) q",
+							  1, &argtype, &arg, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		due = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(round_cxt);
+
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+		if (notify_shared->workers[i].in_use && notify_shared->workers[i].dboid == MyDatabaseId &&
+			!notify_shared->workers[i].stop && !notify_shared->workers[i].exited)
+			running++;
+	wanted = (int) Min((int64) notify_workers, Max((due + 1) / 2, 1));
+	if (db->dboid == MyDatabaseId)
+	{
+		db->workers_wanted = wanted;
+		if (wanted > running)
+			launcher = notify_shared->launcher_latch;
+	}
+	LWLockRelease(notify_shared->lock);
+	if (launcher != NULL)
+		SetLatch(launcher);
+}
+
+/* no_help_needed: this worker found nothing to do: the database wants no more workers. */
+static void
+no_help_needed(void)
+{
+	NotifyDatabase *db = my_database_entry();
+
+	if (db == NULL || db->workers_wanted == 0)
+		return;
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	if (db->dboid == MyDatabaseId)
+		db->workers_wanted = 0;
+	LWLockRelease(notify_shared->lock);
+}
+
+/*
+ * database_changed: whether the extension or the identity may have changed
+ * since the worker last looked (CREATE EXTENSION, ALTER EXTENSION UPDATE,
+ * a restore writing notify.identity, adopt_copy(): see
+ * notify_database_changed_at_commit).  A restore runs CREATE EXTENSION and
+ * fills the tables in separate transactions: a worker started by the
+ * first must see the original's identity arrive before its next round, not
+ * at its next wake-up.
+ */
+static uint32 changes_seen = 0;
+
+static bool
+database_changed(void)
+{
+	NotifyDatabase *db = find_my_database(false);
+
+	return db != NULL && db->changes != changes_seen;
+}
+
+/* note_database_looked_at: the worker has just looked at the extension and the identity. */
+static void
+note_database_looked_at(void)
+{
+	NotifyDatabase *db = find_my_database(false);
+
+	if (db != NULL)
+		changes_seen = db->changes;
+}
+
+/*
  * run_rounds: fan out and send until a round finds less than a batch of
- * each.  Returns how long the worker may sleep (ms) before a queued
- * message falls due.
+ * each, or the worker is asked to leave.  Returns how long the worker may
+ * sleep (ms) before a queued message falls due.
  */
 static long
 run_rounds(void)
 {
 	long		sleep_ms = notify_poll_interval;
 
+	backlog = false;
 	for (;;)
 	{
 		int			events;
@@ -420,16 +929,27 @@ run_rounds(void)
 		long		next_bounce = -1;
 
 		CHECK_FOR_INTERRUPTS();
+		/* the extension or the identity changed meanwhile: look again first */
+		if (database_changed())
+		{
+			backlog = true;
+			return 0;
+		}
 		pin_search_path(false);
 		MemoryContextReset(round_cxt);
 		MemoryContextSwitchTo(round_cxt);
 		listen_for_commits();
 		events = fanout_round();
-		/* the messages just made are for every worker to send */
+		/* the messages just made are for every worker to send, and more may be needed */
 		if (events > 0)
+		{
 			notify_wake_workers_except(notify_worker_slot);
+			ask_for_help();
+		}
 		MemoryContextSwitchTo(round_cxt);
 		sent = send_due_messages(SEND_CLAIM_SIZE, &next_due);
+		if (sent >= SEND_CLAIM_SIZE)
+			ask_for_help();
 		MemoryContextSwitchTo(round_cxt);
 		/* schedules go after sending: a report's events are fanned out next round */
 		scheduled = run_schedules_if_due(&next_schedule);
@@ -438,6 +958,11 @@ run_rounds(void)
 		bounces = bounce_poll_if_due(&next_bounce);
 		MemoryContextSwitchTo(TopMemoryContext);
 
+		if (events > 0 || sent > 0 || scheduled > 0)
+		{
+			last_work_at = GetCurrentTimestamp();
+			worked = true;
+		}
 		sleep_ms = notify_poll_interval;
 		if (next_due >= 0)
 			sleep_ms = Min(sleep_ms, next_due);
@@ -447,43 +972,103 @@ run_rounds(void)
 			sleep_ms = Min(sleep_ms, next_bounce);
 		if (scheduled > 0 || bounces > 0)
 			sleep_ms = 0;
-		if (events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0)
+		backlog = !(events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0);
+		if (!backlog)
 			break;
-		if (ConfigReloadPending)
+		if (ConfigReloadPending || notify_worker_stop_requested())
 			break;
 	}
-	notify_set_worker_state("idle");
+	if (!backlog)
+		notify_set_worker_state("idle");
 	return sleep_ms;
 }
 
 /*
- * notify_worker_main: entry point.  Connects to notify.database, waits
- * quietly for the extension to exist there, then serves it.
+ * leave_if_done: after the rounds, leave when asked to (a DDL, a slot
+ * wanted elsewhere: with the work that is left handed back), when started
+ * for the census and idle, or when idle for notify.worker_idle_timeout (or
+ * at once while another database waits for a slot).  Returns how long the
+ * worker may wait before it looks again.
+ */
+static long
+leave_if_done(long sleep_ms, bool census)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		idle_ms;
+
+	if (notify_worker_stop_requested() || database_leaving())
+		try_to_leave("asked to leave", backlog, true);
+	if (backlog)
+		return 0;
+	no_help_needed();
+	if (census || notify_shared->slots_wanted > 0)
+		try_to_leave(census ? "census: nothing to do" : "a slot is wanted for another database", false, false);
+	idle_ms = (long) ((now - last_work_at) / 1000);
+	if (idle_ms >= notify_worker_idle_timeout)
+	{
+		try_to_leave("idle", false, false);
+		return 0;				/* a commit kept us: its round, now */
+	}
+	return Min(sleep_ms, notify_worker_idle_timeout - idle_ms + 1);
+}
+
+/*
+ * notify_worker_main: entry point.  Takes the slot the launcher registered
+ * us in, connects to its database, finds out whether there is anything to
+ * do there (the extension, its version, whether the database is a copy),
+ * then serves it until it is time to leave.
  */
 void
 notify_worker_main(Datum main_arg)
 {
 	volatile bool ready = false;
 	volatile int failures = 0;
-	volatile bool version_warned = false;
+	volatile bool census;
+	uint32		generation;
+	Oid			dboid;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
+	memcpy(&generation, MyBgworkerEntry->bgw_extra, sizeof(generation));
+	if (!take_slot(DatumGetInt32(main_arg), generation))
+	{
+		/* not the start the launcher meant (it restarted meanwhile) */
+		ereport(DEBUG1, (errmsg("notify_ext worker: slot %d is not this worker's any more", DatumGetInt32(main_arg))));
+		proc_exit(0);
+	}
 	notify_worker_slot = DatumGetInt32(main_arg);
-	BackgroundWorkerInitializeConnection(notify_database, NULL, 0);
+	dboid = notify_shared->workers[notify_worker_slot].dboid;
+	census = notify_shared->workers[notify_worker_slot].census;
+	before_shmem_exit(worker_exit, (Datum) 0);
+
+	/* a DDL that needs the database alone may have begun since the launcher registered us */
+	{
+		NotifyDatabase *db;
+		bool		leaving = false;
+
+		LWLockAcquire(notify_shared->lock, LW_SHARED);
+		db = notify_database_entry(dboid, false);
+		if (db != NULL)
+			leaving = db->leaving_pid != 0;
+		LWLockRelease(notify_shared->lock);
+		if (leaving)
+			leave_database("a DDL needs the database alone");
+	}
+
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	StartTransactionCommand();
+	my_dbname = MemoryContextStrdup(TopMemoryContext, get_database_name(MyDatabaseId));
+	CommitTransactionCommand();
 	/* a setting, not only what pg_stat_activity shows: a nest level restores it */
 	SetConfigOption("application_name", "notify_ext worker", PGC_USERSET, PGC_S_SESSION);
 	pin_search_path(true);
 
-	publish_worker();
 	keep_freed_memory();
 	smtp_global_init();
 	round_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext round", ALLOCSET_DEFAULT_SIZES);
-
-	ereport(LOG, (errmsg("notify_ext worker %d started in database \"%s\"",
-						 notify_worker_slot + 1, notify_database)));
+	last_work_at = GetCurrentTimestamp();
 
 	for (;;)
 	{
@@ -499,8 +1084,7 @@ notify_worker_main(Datum main_arg)
 		/*
 		 * Awake: a commit from now on may wake a worker again.  (Also at
 		 * each round; here too, so that a worker that does not get to a
-		 * round, the extension being dropped or paused, never leaves the
-		 * flag set and later commits unheard.)
+		 * round never leaves the flag set and later commits unheard.)
 		 */
 		coalesce_wakeups();
 		CHECK_FOR_INTERRUPTS();
@@ -508,54 +1092,94 @@ notify_worker_main(Datum main_arg)
 
 		PG_TRY();
 		{
-			ExtensionState est = EXT_READY;
+			ExtensionState est;
 			char		version[64];
 
 			/*
 			 * At every wake-up (once per burst of commits, not per commit): a
 			 * round against a dropped extension would only fail.
 			 */
+			note_database_looked_at();
 			est = extension_state(version, sizeof(version));
 			if (est == EXT_OTHER_VERSION)
 			{
-				if (ready || !version_warned)
+				if (set_database_state(NOTIFY_DB_OTHER_VERSION))
 					ereport(WARNING,
 							(errmsg("notify_ext: the extension in database \"%s\" is version %s, the library is %s; nothing is sent until it is updated",
-									notify_database, version, NOTIFY_EXT_VERSION),
-							 errhint("Run ALTER EXTENSION notify_ext UPDATE in database \"%s\".", notify_database)));
-				version_warned = true;
-				if (ready)
-					sender_shutdown();
-				ready = false;
-				notify_set_worker_state("waiting for ALTER EXTENSION UPDATE");
+									my_dbname, version, NOTIFY_EXT_VERSION),
+							 errhint("Run ALTER EXTENSION notify_ext UPDATE in database \"%s\".",
+									 my_dbname)));
+				leave_with_request = false;
+				leave_database("the extension is an older version");
 			}
 			else if (est == EXT_ABSENT)
 			{
-				if (ready)
-				{
-					ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\"; waiting for it to be created again",
-										 notify_database)));
-					sender_shutdown();
-				}
-				ready = false;
-				notify_set_worker_state("waiting for CREATE EXTENSION");
+				NotifyDatabase *db;
+
+				/* no entry is made for a database that never had the extension */
+				LWLockAcquire(notify_shared->lock, LW_SHARED);
+				db = notify_database_entry(MyDatabaseId, false);
+				LWLockRelease(notify_shared->lock);
+				if (db != NULL && set_database_state(NOTIFY_DB_NO_EXTENSION) && ready)
+					ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\"",
+										 my_dbname)));
+				leave_with_request = false;
+				leave_database("no extension");
 			}
 			else
 			{
-				version_warned = false;
-				if (!ready)
+				char	   *reason;
+				bool		from_template;
+
+				if (!check_identity(&reason, &from_template))
 				{
-					reclaim_orphans();
-					ready = true;
-					notify_set_worker_state("idle");
-				}
-				if (notify_enabled)
-				{
-					sleep_ms = run_rounds();
-					purge_old_rows();
+					if (from_template)
+					{
+						adopt_template_copy();
+						sleep_ms = 0;	/* serve it at once */
+					}
+					else
+					{
+						if (set_database_state(NOTIFY_DB_COPY))
+							ereport(LOG,
+									(errmsg("notify_ext: database \"%s\" is a copy: %s; nothing is sent from it",
+											my_dbname, reason),
+									 errdetail("Its events are captured; what it inherited queued is the original's to send."),
+									 errhint("If this database is to send, run SELECT notify.adopt_copy() in it (notify.adopt_copy(send_pending => true) to send what it inherited too).")));
+						leave_with_request = false;
+						leave_database("a copy");
+					}
 				}
 				else
-					notify_set_worker_state("paused (notify.enabled = off)");
+				{
+					if (!ready)
+					{
+						NotifyDatabase *db = my_database_entry();
+
+						if (set_database_state(NOTIFY_DB_SERVED))
+							ereport(LOG,
+									(errmsg("notify_ext: serving database \"%s\"",
+											my_dbname)));
+						reclaim_orphans();
+						ready = true;
+						LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+						notify_shared->workers[notify_worker_slot].served = true;
+						if (db != NULL && db->dboid == MyDatabaseId)
+							db->failures = 0;
+						LWLockRelease(notify_shared->lock);
+						notify_set_worker_state("idle");
+					}
+					if (!notify_enabled)
+					{
+						/* paused: the launcher starts a worker again when it is turned on */
+						leave_with_request = true;
+						leave_database("paused (notify.enabled = off)");
+					}
+					sleep_ms = run_rounds();
+					purge_old_rows();
+					if (census && worked)
+						census = false; /* it had work: a worker like any other now */
+				}
 			}
 			failures = 0;
 		}
@@ -581,16 +1205,17 @@ notify_worker_main(Datum main_arg)
 			/*
 			 * A DROP EXTENSION in the middle of a round is no error, whatever
 			 * the round tripped over (a missing table, function or schema, a
-			 * cache lookup of a dropped relation): say what happened, and
-			 * wait for the extension as at start.  Told by looking, not by
-			 * the error's code.
+			 * cache lookup of a dropped relation): say what happened and
+			 * leave.  Told by looking, not by the error's code.
 			 */
 			dropped = extension_gone();
 			if (dropped)
 			{
-				ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\" during a round; waiting for it to be created again",
-									 notify_database)));
-				sender_shutdown();
+				ereport(LOG, (errmsg("notify_ext: extension dropped from database \"%s\" during a round",
+									 my_dbname)));
+				(void) set_database_state(NOTIFY_DB_NO_EXTENSION);
+				leave_with_request = false;
+				leave_database("the extension was dropped");
 			}
 			else if (maybe_dropped(edata))
 			{
@@ -607,22 +1232,27 @@ notify_worker_main(Datum main_arg)
 			FreeErrorData(edata);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			/* a persistent fault must not make the worker spin */
-			if (conflict && !dropped)
+			if (conflict)
 				sleep_ms = 100;		/* not a fault: a moment, for the other side to finish */
 			else
 			{
 				failures++;
 				sleep_ms = Min(MAX_ERROR_PAUSE_MS, 1000L << Min(failures, 6));
 			}
-			if (dropped)
-				sleep_ms = 0;		/* not a fault: go and wait for CREATE EXTENSION */
 			ready = false;
+			backlog = true;		/* not idle: it stays to try again */
+			last_work_at = GetCurrentTimestamp();
 		}
 		PG_END_TRY();
 
+		if (ready)
+			sleep_ms = leave_if_done(sleep_ms, census);
+		else if (notify_worker_stop_requested() || database_leaving())
+			try_to_leave("asked to leave", true, true);
+
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 sleep_ms,
+						 Max(sleep_ms, 0),
 						 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}

@@ -3,10 +3,6 @@
 CREATE FUNCTION notify._wake_worker() RETURNS void
     LANGUAGE c AS 'MODULE_PATHNAME', 'notify_wake';
 
-CREATE FUNCTION notify._worker_shmem(OUT worker integer, OUT pid integer, OUT state text,
-                                     OUT last_error text)
-    RETURNS SETOF record LANGUAGE c AS 'MODULE_PATHNAME', 'notify_worker_shmem';
-
 -- The status of a message, locked for the caller's change; an unknown id is an error.
 CREATE FUNCTION notify._lock_message(message_id bigint) RETURNS text
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -82,10 +78,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'For example notify.purge(''30 days'').';
     END IF;
     cutoff := pg_catalog.now() - older_than;
-    DELETE FROM notify.message m
-     WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'bounced')
-       AND coalesce(m.sent_at, m.created_at) < cutoff;
-    GET DIAGNOSTICS n_msg = ROW_COUNT;
+    -- a message's tries go with it (notify.attempt has no foreign key to cascade)
+    WITH gone AS (
+        DELETE FROM notify.message m
+         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested', 'bounced')
+           AND coalesce(m.sent_at, m.created_at) < cutoff
+        RETURNING m.id),
+    tries AS (DELETE FROM notify.attempt a USING gone WHERE a.message_id = gone.id)
+    SELECT pg_catalog.count(*) INTO n_msg FROM gone;
     -- what the bounce mailbox held (suppressions stay: they end with notify.unsuppress)
     DELETE FROM notify.bounce_mail b WHERE b.received_at < cutoff;
     DELETE FROM notify.event e
@@ -96,17 +96,4 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = a.event_id AND m.rule_id = a.rule_id);
     RETURN n_msg + n_evt;
 END
-$$;
-
-CREATE FUNCTION notify.worker_status()
-    RETURNS TABLE (pid integer, state text, queued bigint, sending bigint,
-                   sent_last_minute bigint, last_error text, worker integer)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT w.pid, w.state,
-           (SELECT count(*) FROM notify.message m WHERE m.status = 'queued'),
-           (SELECT count(*) FROM notify.message m WHERE m.status = 'sending'),
-           (SELECT count(*) FROM notify.message m
-             WHERE m.status = 'sent' AND m.sent_at > pg_catalog.now() - interval '1 minute'),
-           w.last_error, w.worker
-      FROM notify._worker_shmem() w
 $$;

@@ -35,7 +35,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient, notify.template, notif
 GRANT SELECT, INSERT, UPDATE, DELETE ON notify.recipient_group, notify.group_member, notify.supervisor,
     notify.preference, notify.directory TO notify_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON notify.schedule TO notify_admin;
-GRANT SELECT ON notify.event, notify.message, notify.attempt, notify.channel,
+GRANT SELECT ON notify.event, notify.event_cursor, notify.message, notify.attempt, notify.channel,
     notify.channel_health, notify.channels, notify.delivery_log, notify.schedule_run, notify.schedules, notify.dedupe
     TO notify_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;

@@ -79,7 +79,7 @@ def tag(bc, ms):
         setup_rule(db, "tagprobe")
         mid = emit(db, "tagprobe", "tagprobe@dest.test")
     [mail] = ms.final.wait_for("tagprobe@dest.test", timeout=30)
-    m = re.fullmatch(r"bounces\+m(\d+)\.([0-9a-f]{8})@bounce\.test", mail.mail_from)
+    m = re.fullmatch(r"bounces\+m(\d+)\.([0-9a-f]{12})@bounce\.test", mail.mail_from)
     assert m and int(m.group(1)) == mid, mail.mail_from
     return m.group(2)
 
@@ -156,7 +156,7 @@ def test_envelope_sender_names_the_message(db, ms, bc, tag, uniq):
     [mail] = ms.final.wait_for(f"ok-{uniq}@dest.test", timeout=30)
     assert mail.mail_from == f"bounces+m{mid}.{tag}@bounce.test"
     assert mail.message["From"] == "erp@erp.test"
-    assert mail.message["Message-ID"] == f"<notify.message.{mid}@erp.test>"
+    assert mail.message["Message-ID"] == f"<notify.message.{tag}.{mid}@erp.test>"
     # without a bounce_address, the from_address carries the token
     db.execute("SELECT notify.set_smtp(%s, 'erp@erp.test', tls => 'off', name => %s)",
                (f"smtp://127.0.0.1:{ms.postfix.port}", f"ch{uniq}"))
@@ -408,7 +408,7 @@ def test_complaint_suppresses_and_tells(db, bc, ms, tag, uniq):
     append(ms, sample("abuse_report_arf.eml", **{
         "erp+m49.db7f3a@example.com": f"bounces+m{mid}.{tag}@bounce.test",
         "complainer@isp.example.net": to,
-        "notify.message.49.db7f3a@example.com": f"notify.message.{mid}@erp.test"}))
+        "notify.message.49.db7f3a@example.com": f"notify.message.{tag}.{mid}@erp.test"}))
     assert db.execute("SELECT notify.check_bounces()").fetchone()[0] == 1
     assert status(db, mid)[0] == "sent"
     supp = db.execute("SELECT reason, status, message_id, diagnostic FROM notify.suppressions "

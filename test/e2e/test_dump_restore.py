@@ -1,6 +1,8 @@
 """pg_dump / pg_restore of a database with the extension: the configuration
 comes back (with each row's owner), the queue neither loses nor repeats a
-message, and the restored system sends what was queued."""
+message; the restored database knows it is a copy and sends nothing until
+it is adopted, and adopt_copy(send_pending => true) (a restore that replaces
+a lost original) sends what was queued."""
 import os
 import subprocess
 
@@ -81,6 +83,16 @@ def test_dump_and_restore_round_trip(smtp):
             # the capture trigger came back with the table: a new order is an event
             db.execute("INSERT INTO orders VALUES (6, 'c6@example.com')")
             assert db.execute("SELECT count(*) FROM notify.event").fetchone()[0] == 8
+            # a restore is a copy: it says so, and waits to be adopted
+            reason = db.execute("SELECT copy_reason FROM notify._identity()").fetchone()[0]
+            state = db.execute("SELECT state FROM notify.worker_status()").fetchone()[0]
+            print(f"restored database: {state}")
+            assert "restored from a dump of database erpdump" in reason
+            assert state.startswith("a copy: nothing is sent until SELECT notify.adopt_copy()")
+            summary = db.execute("SELECT notify.adopt_copy(send_pending => true)").fetchone()[0]
+            print(summary)
+            assert "adopted" in summary and "what it inherited is sent too" in summary
+            assert db.execute("SELECT copy_reason FROM notify._identity()").fetchone()[0] is None
             # sending resumes: every queued message goes out once
             db.execute("ALTER SYSTEM SET notify.enabled = on")
         dst.reload()

@@ -39,14 +39,16 @@ def test_committed_insert_is_mailed_with_proper_mime(db, smtp, uniq):
 
     # envelope: exactly the recipient, from the channel's address with the message's VERP token
     assert mail.rcpt_tos == [to]
-    verp = re.fullmatch(r"erp\+m(\d+)\.[0-9a-f]{8}@example\.com", mail.mail_from)
+    verp = re.fullmatch(r"erp\+m(\d+)\.([0-9a-f]{12})@example\.com", mail.mail_from)
     assert verp, mail.mail_from
     # headers, decoded
     assert mail.subject == "Pedido 1 de José Núñez & <Hijos>"
     assert b"Subject: =?UTF-8?" in mail.data, "a non-ASCII subject must be RFC 2047-encoded"
     assert msg["From"] == "erp@example.com"
     assert msg["To"] == to
-    assert msg["Message-ID"] == f"<notify.message.{verp.group(1)}@example.com>"
+    # the database's token (12 hex digits) makes it unique across databases and clusters;
+    # the envelope's VERP token carries the same
+    assert msg["Message-ID"] == f"<notify.message.{verp.group(2)}.{verp.group(1)}@example.com>"
     assert email.utils.parsedate_to_datetime(msg["Date"]).tzinfo is not None
     assert msg["MIME-Version"] == "1.0"
     # both parts; HTML escaping in the HTML part only; numbers as jsonb prints them
@@ -74,7 +76,8 @@ def test_committed_insert_is_mailed_with_proper_mime(db, smtp, uniq):
     assert address == to and rule == f"rule_{uniq}"
     assert response.startswith("250")
     mid = db.execute("SELECT message_id FROM notify.delivery_log WHERE event_type = %s", (etype,)).fetchone()[0]
-    assert msg["Message-ID"] == f"<notify.message.{mid}@example.com>"
+    token = db.execute("SELECT token FROM notify.identity_local").fetchone()[0]
+    assert msg["Message-ID"] == f"<notify.message.{token}.{mid}@example.com>"
 
 
 def test_text_only_template_sends_single_text_part(db, smtp, uniq):

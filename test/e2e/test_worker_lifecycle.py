@@ -1,6 +1,7 @@
-"""The worker's life: waiting for CREATE EXTENSION, surviving DROP EXTENSION
-and DROP DATABASE without blocking them, SIGTERM, and SIGHUP reloads.
-This module has its own cluster: it drops and re-creates the extension."""
+"""The workers' life: started by CREATE EXTENSION's commit, leaving at DROP
+EXTENSION and never blocking it nor DROP DATABASE, SIGTERM, SIGHUP reloads.
+This module has its own cluster, which serves database erp2 only
+(notify.database): it drops and re-creates the extension."""
 import time
 
 import psycopg
@@ -11,7 +12,7 @@ from harness import Cluster, wait_until
 
 @pytest.fixture(scope="module")
 def bare(smtp):
-    c = Cluster(dbname="erp2", settings={"notify.poll_interval": "'30s'"})
+    c = Cluster(dbname="erp2", settings={"notify.poll_interval": "'30s'", "notify.database": "'erp2'"})
     yield c
     c.destroy()
 
@@ -38,24 +39,26 @@ def send_one(conn, smtp, uniq, timeout=10):
     return smtp.wait_for(to, count=n + 1, timeout=timeout)
 
 
-def test_worker_waits_for_extension_then_serves_it(bare, smtp, uniq):
+def test_no_worker_until_create_extension_then_its_first_event_within_a_second(bare, smtp, uniq):
     with bare.connect() as conn:
-        wait_until(lambda: worker_pid(conn), what="worker running")
         assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'notify_ext'").fetchone()[0] == 0
         time.sleep(0.5)
+        assert worker_pid(conn) is None, "no worker in a database without the extension"
         install(conn, smtp, uniq)
         t0 = time.monotonic()
         send_one(conn, smtp, uniq, timeout=5)
-        # woken by CREATE EXTENSION's commit, not by a 30 s poll nor a restart
-        assert time.monotonic() - t0 < 3
+        elapsed = time.monotonic() - t0
+        print(f"first event after CREATE EXTENSION mailed in {1000 * elapsed:.0f} ms")
+        # a worker started by CREATE EXTENSION's commit, not a 30 s poll nor a restart
+        assert elapsed < 1
 
 
 def test_extension_refused_outside_notify_database(bare):
     with bare.connect("postgres") as conn:
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as exc:
             conn.execute("CREATE EXTENSION notify_ext")
-        assert 'notify_ext can only be created in database "erp2"' in str(exc.value)
-        assert "notify.database" in str(exc.value)
+        assert 'notify_ext can only be created in the databases notify.database names ("erp2")' in str(exc.value)
+        assert "notify.database" in (exc.value.diag.message_hint or "")
 
 
 def test_drop_database_of_another_database_is_not_blocked(bare):
@@ -66,44 +69,48 @@ def test_drop_database_of_another_database_is_not_blocked(bare):
         assert time.monotonic() - t0 < 3
 
 
-def test_drop_extension_is_not_blocked_and_worker_recovers(bare, smtp, uniq):
+def test_drop_extension_is_not_blocked_and_the_workers_leave(bare, smtp, uniq):
     with bare.connect() as conn:
         if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
             install(conn, smtp, uniq)
         send_one(conn, smtp, uniq)
+        assert worker_pid(conn) is not None
         conn.execute("SET lock_timeout = '5s'")
         t0 = time.monotonic()
         conn.execute("DROP EXTENSION notify_ext CASCADE")
         assert time.monotonic() - t0 < 5
-        pid = worker_pid(conn)
-        assert pid is not None, "the worker must survive the extension being dropped"
+        # nothing left to do here: the workers leave, and none comes back
+        wait_until(lambda: worker_pid(conn) is None, timeout=5, what="the workers leave")
+        time.sleep(1)
+        assert worker_pid(conn) is None
         install(conn, smtp, uniq)
+        t0 = time.monotonic()
         send_one(conn, smtp, uniq + "again")
-        assert worker_pid(conn) == pid, "no restart needed"
+        assert time.monotonic() - t0 < 1, "CREATE EXTENSION again: served at once, no restart"
     errors = [ln for ln in bare.log().splitlines() if "notify_ext worker ERROR" in ln]
     assert errors == [], "a DROP EXTENSION under a round must not be logged as an error"
 
 
-def test_sigterm_stops_worker_promptly_and_it_comes_back(bare, smtp, uniq):
+def test_sigterm_stops_worker_promptly_and_work_gets_a_new_one(bare, smtp, uniq):
     with bare.connect() as conn:
         if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
             install(conn, smtp, uniq)
+        send_one(conn, smtp, uniq)
         pid = wait_until(lambda: worker_pid(conn), what="worker running")
         t0 = time.monotonic()
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         wait_until(lambda: worker_pid(conn) != pid, timeout=5, what="worker exit")
         print(f"worker exited {1000 * (time.monotonic() - t0):.0f} ms after SIGTERM")
         assert time.monotonic() - t0 < 2
-        # exit code 1: the postmaster restarts it (exit 0 would unregister it for good)
-        wait_until(lambda: worker_pid(conn), timeout=30, what="worker restarted")
-        send_one(conn, smtp, uniq, timeout=15)
+        # the next event gets a worker (after a pause of a second: an exit
+        # nobody asked for counts as a failure, so a fault cannot make workers spin)
+        send_one(conn, smtp, uniq, timeout=5)
 
 
 def test_reload_pauses_and_resumes_sending(bare, smtp, uniq):
     with bare.connect() as conn:
         if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
             install(conn, smtp, uniq)
-        wait_until(lambda: worker_pid(conn), timeout=30, what="worker running")
         conn.execute("ALTER SYSTEM SET notify.enabled = off")
         conn.execute("SELECT pg_reload_conf()")
         time.sleep(1)
@@ -154,15 +161,15 @@ def test_rule_created_just_before_its_event_is_honoured(bare, smtp, uniq):
     rule.  It used the snapshot taken when its transaction began, older
     than the claim that found the event: the event was then done, nobody
     told.  A fresh worker's first round prepares its statements, which
-    widens that window: a restart, then CREATE EXTENSION, rule and event
-    at once, five times over (this failed about one time in four)."""
+    widens that window: a restart, then CREATE EXTENSION (whose commit
+    starts a fresh worker), rule and event at once, five times over (this
+    failed about one time in four)."""
     with bare.connect() as conn:
         if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
             conn.execute("DROP EXTENSION notify_ext CASCADE")
     for i in range(5):
         bare.restart()
         with bare.connect() as conn:
-            wait_until(lambda: worker_pid(conn), what="worker running")
             install(conn, smtp, uniq)
             send_one(conn, smtp, f"{uniq}_{i}", timeout=10)
             conn.execute("DROP EXTENSION notify_ext CASCADE")

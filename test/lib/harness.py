@@ -61,9 +61,10 @@ class Cluster:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.sock}'",
             "shared_preload_libraries": "'notify_ext'",
-            "notify.database": f"'{dbname}'",
             "fsync": "off",
-            "log_min_messages": "warning",   # "log" would hide ERRORs (LOG ranks above ERROR there)
+            # "log" would hide ERRORs (LOG ranks above ERROR there); NOTIFY_LOG_MIN_MESSAGES=debug1
+            # shows the workers coming and going
+            "log_min_messages": os.environ.get("NOTIFY_LOG_MIN_MESSAGES", "warning"),
             "log_line_prefix": "'%m [%p] %b '",
         }
         conf.update(settings or {})
@@ -71,11 +72,11 @@ class Cluster:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
         self.start()
-        # The worker connects to notify.database; create it and restart so the
-        # worker does not wait out its restart delay.
-        with self.connect("postgres") as conn:
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-        self.restart()
+        # notify.database is left at '*': the launcher serves whatever database
+        # creates the extension, with no restart
+        if dbname != "postgres":
+            with self.connect("postgres") as conn:
+                conn.execute(f'CREATE DATABASE "{dbname}"')
 
     def pg_ctl(self, *args, check=True):
         # NOTIFY_SERVER_WRAPPER: an executable run as the server instead of postgres
