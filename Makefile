@@ -3,7 +3,7 @@
 #   make installcheck            pg_regress tests (needs a server with notify_ext preloaded;
 #                                see test/run)
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
-#   make bench                   the benchmarks in test/bench (install the extension first; ~8 min)
+#   make bench                   the benchmarks in test/bench (install the extension first; ~9.5 min)
 #   make installcheck-debian     the README's install and first rule, as written, on a new Debian
 #                                cluster (test/install_debian; root; runs make install; ~20 s)
 
@@ -31,7 +31,10 @@ OBJS = \
 	src/webhook.o \
 	src/spi_util.o \
 	src/template.o \
-	src/mime.o
+	src/mime.o \
+	src/bounce.o \
+	src/dsn.o \
+	src/imap.o
 
 SQL_SOURCES = $(sort $(wildcard src/sql/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
@@ -39,7 +42,7 @@ DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = src/sql/upgrade/$(EXTENSION)--0.1.sql src/sql/upgrade/$(EXTENSION)--0.1--0.2.sql \
 	src/sql/upgrade/$(EXTENSION)--0.2.sql src/sql/upgrade/$(EXTENSION)--0.2--0.3.sql
 
-REGRESS = setup capture templates rules channels directory schedules security
+REGRESS = setup capture templates rules channels directory schedules security bounces
 REGRESS_OPTS = --inputdir=. --outputdir=. --load-extension=$(EXTENSION)
 
 # -Wno-unused-parameter: PostgreSQL's own headers (bufpage.h inlines) and fmgr callbacks trip it

@@ -137,6 +137,12 @@ typedef struct MessageRows
 
 static MessageRows current_rows;
 static MessageRows pending_rows;
+
+/*
+ * Whether any address is suppressed (bounce.c), asked once per batch (and
+ * per explain): only then is each mail address looked up.
+ */
+static bool suppressions_exist = false;
 static MemoryContext rows_cxt = NULL;	/* the batch's: staged values live there */
 
 /* prepare_plans: the statements fan-out runs for every batch. */
@@ -770,6 +776,23 @@ plan_deliveries(const char *event_type, List *rules, const TmplValue *base, Json
 				{
 					d->status = "queued";
 					d->reason = pref ? "recipient's preference" : "rule's default mode";
+				}
+
+				/*
+				 * An address that bounced (or complained) gets nothing more,
+				 * immediate or in a digest: a 'suppressed' row that names the
+				 * bounce.
+				 */
+				if (!rule->webhook && suppressions_exist &&
+					(strcmp(d->status, "queued") == 0 || strcmp(d->status, "digest") == 0))
+				{
+					char	   *why = bounce_suppression_reason(r->email);
+
+					if (why != NULL)
+					{
+						d->status = "suppressed";
+						d->reason = why;
+					}
 				}
 			}
 		}
@@ -1411,6 +1434,7 @@ fanout_pending_events(int batch_size)
 	notify_refresh_snapshot();
 
 	done = palloc(sizeof(Datum) * list_length(events));
+	suppressions_exist = bounce_suppressions_exist();
 	batch_rules_begin(outer);
 	/* the staged rows live in the batch's context, which the round resets */
 	rows_cxt = outer;
@@ -1509,6 +1533,7 @@ notify_explain(PG_FUNCTION_ARGS)
 	context = DatumGetJsonbPCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 
 	rules = load_rules(event_type);
+	suppressions_exist = bounce_suppressions_exist();
 	deliveries = plan_deliveries(event_type, rules, jsonb_to_tmpl_value(context), context);
 	foreach(lc, deliveries)
 	{

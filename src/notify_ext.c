@@ -52,6 +52,7 @@ char	   *notify_tls_ca_file = NULL;
 char	   *notify_timezone = NULL;
 int			notify_webhook_timeout = 30;
 int			notify_max_age = 5 * 24 * 3600;
+int			notify_bounce_poll_interval = 60;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -264,6 +265,15 @@ define_settings(void)
 							"Postfix keeps mail 5 days (maximal_queue_lifetime): so does notify_ext by default.",
 							&notify_max_age,
 							5 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("notify.bounce_poll_interval",
+							"How often the workers read each bounce mailbox (notify.set_bounce_mailbox).",
+							"A mailbox that cannot be read is tried again at this interval; notify.check_bounces() reads at once.",
+							&notify_bounce_poll_interval,
+							60, 1, 24 * 3600,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);

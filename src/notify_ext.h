@@ -41,6 +41,7 @@ extern char *notify_tls_ca_file;
 extern char *notify_timezone;
 extern int	notify_webhook_timeout;
 extern int	notify_max_age;
+extern int	notify_bounce_poll_interval;
 
 /*
  * Worker slots in shared memory: the most notify.max_workers (and so
@@ -254,6 +255,13 @@ extern void health_nothing_to_probe(const char *channel);
 extern void health_channel_failed(const char *channel, const char *reason, bool probe);
 extern bool health_channel_works(const char *channel);
 extern void health_log_transitions(bool discard);
+
+/* bounce.c: the envelope sender that names a message, the bounce mailbox, suppressions */
+extern const char *notify_verp_tag(void);
+extern char *bounce_envelope_sender(const char *base, long long message_id, bool test);
+extern int	bounce_poll_if_due(long *next_ms);
+extern bool bounce_suppressions_exist(void);
+extern char *bounce_suppression_reason(const char *address);
 
 /* schedule.c */
 extern bool notify_cron_next(const char *text, TimestampTz after, TimestampTz *next);

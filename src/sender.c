@@ -185,7 +185,7 @@ prepare_plans(void)
 							 "       c.content_type,"
 							 "       ARRAY(SELECT h.key FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key),"
 							 "       ARRAY(SELECT h.value #>> '{}' FROM pg_catalog.jsonb_each(s.headers) h ORDER BY h.key),"
-							 "       COALESCE(ch.state = 'failing', false)"
+							 "       COALESCE(ch.state = 'failing', false), c.bounce_address"
 							 "  FROM notify.channel c LEFT JOIN notify.channel_secret s ON s.channel = c.name"
 							 "  LEFT JOIN notify.channel_health ch ON ch.channel = c.name"
 							 " WHERE c.name = $1",
@@ -360,6 +360,7 @@ load_channel(const char *name, SmtpConfig *cfg, WebhookConfig *hook, char **kind
 		Datum		rate = SPI_getbinval(tup, desc, 7, &isnull);
 
 		cfg->rate_per_minute = isnull ? 0 : DatumGetInt32(rate);
+		cfg->bounce_address = SPI_getvalue(tup, desc, 12);
 		if (failing)
 			*failing = DatumGetBool(SPI_getbinval(tup, desc, 11, &isnull));
 	}

@@ -604,7 +604,15 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 
 	set_common_options(client, pooled);
 	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
-	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM, psprintf("<%s>", client->cfg.from_address));
+	/*
+	 * The envelope sender names the message (VERP, see bounce.c), so that
+	 * its bounce can be matched whatever a relay does to the headers; the
+	 * From: header above stays the channel's from_address.
+	 */
+	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM,
+					 psprintf("<%s>", bounce_envelope_sender(client->cfg.bounce_address ? client->cfg.bounce_address
+															 : client->cfg.from_address,
+															 msg->id, msg->id_kind != NULL)));
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, client->rcpt);
 	curl_easy_setopt(client->curl, CURLOPT_UPLOAD, 1L);
 	curl_easy_setopt(client->curl, CURLOPT_READFUNCTION, read_cb);
@@ -863,6 +871,7 @@ copy_config(SmtpConfig *dst, const SmtpConfig *src, MemoryContext cxt)
 	COPY_STR(username);
 	COPY_STR(password);
 	COPY_STR(tls);
+	COPY_STR(bounce_address);
 #undef COPY_STR
 	dst->rate_per_minute = src->rate_per_minute;
 }
@@ -1137,6 +1146,7 @@ smtp_test_connection(const SmtpConfig *cfg, const char *send_to)
 	client->cfg.username = dup_or_null(cfg->username);
 	client->cfg.password = dup_or_null(cfg->password);
 	client->cfg.tls = dup_or_null(cfg->tls);
+	client->cfg.bounce_address = dup_or_null(cfg->bounce_address);
 	client->owns_cfg = true;
 	initStringInfo(&t);
 	client->transcript = &t;

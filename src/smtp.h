@@ -41,6 +41,7 @@ typedef struct SmtpConfig
 	char	   *password;
 	char	   *tls;
 	int			rate_per_minute;	/* 0: no limit */
+	char	   *bounce_address; /* the envelope's base when not from_address; NULL */
 } SmtpConfig;
 
 /* A file sent with a message. */

@@ -578,8 +578,8 @@ adopt_template_copy(void)
 /*
  * due_at_leaving: when this database next has something due, read as the
  * worker leaves: the next retry, the end of a lease of a message some
- * worker may have left 'sending', the next schedule or digest, or now for
- * an event not yet fanned out.  0 when nothing is.
+ * worker may have left 'sending', the next schedule or digest, the next
+ * read of a bounce mailbox, or now for an event not yet fanned out.  0 when nothing is.
  */
 static TimestampTz
 due_at_leaving(void)
@@ -599,6 +599,7 @@ due_at_leaving(void)
 						" (SELECT pg_catalog.min(m.lease_until) FROM notify.message m WHERE m.status = 'sending'),"
 						" (SELECT pg_catalog.min(m.next_attempt_at) FROM notify.message m WHERE m.status = 'digest'),"
 						" (SELECT pg_catalog.min(s.next_run) FROM notify.schedule s),"
+						" (SELECT pg_catalog.min(b.next_check_at) FROM notify.bounce_mailbox b),"
 						" (SELECT pg_catalog.min(e.occurred_at) FROM notify.event e WHERE e.processed_at IS NULL))",
 						true, 1) == SPI_OK_SELECT && SPI_processed == 1)
 		{
@@ -922,8 +923,10 @@ run_rounds(void)
 		int			events;
 		int			sent;
 		int			scheduled;
+		int			bounces;
 		long		next_due = -1;
 		long		next_schedule = -1;
+		long		next_bounce = -1;
 
 		CHECK_FOR_INTERRUPTS();
 		/* the extension or the identity changed meanwhile: look again first */
@@ -950,6 +953,9 @@ run_rounds(void)
 		MemoryContextSwitchTo(round_cxt);
 		/* schedules go after sending: a report's events are fanned out next round */
 		scheduled = run_schedules_if_due(&next_schedule);
+		MemoryContextSwitchTo(round_cxt);
+		/* the bounce mailbox, outside the send path: nothing is claimed now */
+		bounces = bounce_poll_if_due(&next_bounce);
 		MemoryContextSwitchTo(TopMemoryContext);
 
 		if (events > 0 || sent > 0 || scheduled > 0)
@@ -962,7 +968,9 @@ run_rounds(void)
 			sleep_ms = Min(sleep_ms, next_due);
 		if (next_schedule >= 0)
 			sleep_ms = Min(sleep_ms, next_schedule);
-		if (scheduled > 0)
+		if (next_bounce >= 0)
+			sleep_ms = Min(sleep_ms, next_bounce);
+		if (scheduled > 0 || bounces > 0)
 			sleep_ms = 0;
 		backlog = !(events < notify_batch_size && sent < SEND_CLAIM_SIZE && sleep_ms > 0);
 		if (!backlog)

@@ -111,6 +111,8 @@ CREATE TABLE notify.channel (
     -- webhook: what is POSTed (a Mustache source rendered at fan-out) and as what type
     body_template   text,
     content_type    text,
+    -- SMTP: the envelope sender's base (VERP: local+m<id>.<tag>@domain), when not from_address
+    bounce_address  text,
     CHECK (kind <> 'webhook' OR (body_template IS NOT NULL AND content_type IS NOT NULL))
 );
 
@@ -177,7 +179,7 @@ CREATE TABLE notify.message (
     channel         text NOT NULL,
     status          text NOT NULL DEFAULT 'queued'
                     CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'dead',
-                                      'suppressed', 'cancelled', 'digest', 'digested')),
+                                      'suppressed', 'cancelled', 'digest', 'digested', 'bounced')),
     attempts        integer NOT NULL DEFAULT 0,
     subject         text,
     text_body       text,

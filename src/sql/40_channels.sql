@@ -4,10 +4,18 @@
  * SECURITY DEFINER because the password goes into notify.channel_secret,
  * which only the extension's owner can read or write; the caller needs
  * EXECUTE on this function (notify_admin), nothing more.
+ *
+ * bounce_address (0.3, last so that calls by position keep working): the
+ * address whose plus-addresses are the envelope senders (VERP), when it is
+ * not from_address: each message goes out as MAIL FROM
+ * <local+m<id>.<tag>@domain>, so that its bounce names it (see
+ * 60_bounces.sql).  Its local part must not hold a '+' already: that is
+ * the delimiter the token follows.
  */
 CREATE FUNCTION notify.set_smtp(url text, from_address text, username text DEFAULT NULL,
                                 password text DEFAULT NULL, tls text DEFAULT 'verify',
-                                name text DEFAULT 'email', rate_per_minute integer DEFAULT NULL)
+                                name text DEFAULT 'email', rate_per_minute integer DEFAULT NULL,
+                                bounce_address text DEFAULT NULL)
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -39,16 +47,27 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM notify._check_address(from_address, 'from_address of channel ' || pg_catalog.quote_literal(name));
+    IF bounce_address IS NOT NULL THEN
+        PERFORM notify._check_address(bounce_address, 'bounce_address of channel ' || pg_catalog.quote_literal(name));
+        IF bounce_address !~ '^[^"+@]+@[^@]+$' THEN
+            RAISE EXCEPTION 'the bounce_address of channel % must have a plain local part without ''+''',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Each message is sent from local+m<id>.<tag>@domain of it: use e.g. bounces@example.com.';
+        END IF;
+    END IF;
     IF EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = set_smtp.name AND c.kind <> 'smtp') THEN
         RAISE EXCEPTION 'channel % exists and is not an SMTP channel', pg_catalog.quote_literal(name)
             USING ERRCODE = 'wrong_object_type';
     END IF;
-    INSERT INTO notify.channel AS c (name, kind, url, from_address, username, tls, rate_per_minute)
+    INSERT INTO notify.channel AS c (name, kind, url, from_address, username, tls, rate_per_minute,
+                                     bounce_address)
     VALUES (set_smtp.name, 'smtp', set_smtp.url, set_smtp.from_address, set_smtp.username,
-            set_smtp.tls, set_smtp.rate_per_minute)
+            set_smtp.tls, set_smtp.rate_per_minute, set_smtp.bounce_address)
     ON CONFLICT ON CONSTRAINT channel_pkey DO UPDATE
        SET url = EXCLUDED.url, from_address = EXCLUDED.from_address, username = EXCLUDED.username,
-           tls = EXCLUDED.tls, rate_per_minute = EXCLUDED.rate_per_minute, updated_at = pg_catalog.now();
+           tls = EXCLUDED.tls, rate_per_minute = EXCLUDED.rate_per_minute,
+           bounce_address = EXCLUDED.bounce_address, updated_at = pg_catalog.now();
     INSERT INTO notify.channel_secret AS s (channel, password)
     VALUES (set_smtp.name, set_smtp.password)
     ON CONFLICT ON CONSTRAINT channel_secret_pkey DO UPDATE SET password = EXCLUDED.password;

@@ -63,7 +63,8 @@ CREATE VIEW notify.channels AS
            CASE WHEN c.kind = 'webhook'
                 THEN ARRAY(SELECT k FROM pg_catalog.jsonb_object_keys(s.headers) AS k ORDER BY k)
            END AS header_names,
-           COALESCE(h.state, 'ok') AS state, h.failing_since, h.last_error, h.next_probe_at
+           COALESCE(h.state, 'ok') AS state, h.failing_since, h.last_error, h.next_probe_at,
+           c.bounce_address
       FROM notify.channel c
       LEFT JOIN notify.channel_secret s ON s.channel = c.name
       LEFT JOIN notify.channel_health h ON h.channel = c.name;

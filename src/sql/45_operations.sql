@@ -27,9 +27,11 @@ CREATE FUNCTION notify.retry(message_id bigint) RETURNS void
 DECLARE
     st text := notify._lock_message(message_id);
 BEGIN
-    -- a queued message (waiting for its retry, or held by its failing channel) is made due now
-    IF st NOT IN ('failed', 'dead', 'queued') THEN
-        RAISE EXCEPTION 'message % is %, only queued, failed or dead messages can be retried', message_id, st
+    -- a queued message (waiting for its retry, or held by its failing channel) is made due now;
+    -- a bounced one again once its mailbox exists again (its address stays suppressed for new
+    -- messages until notify.unsuppress)
+    IF st NOT IN ('failed', 'dead', 'queued', 'bounced') THEN
+        RAISE EXCEPTION 'message % is %, only queued, failed, dead or bounced messages can be retried', message_id, st
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'See its row in notify.delivery_log.';
     END IF;
@@ -79,11 +81,13 @@ BEGIN
     -- a message's tries go with it (notify.attempt has no foreign key to cascade)
     WITH gone AS (
         DELETE FROM notify.message m
-         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested')
+         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested', 'bounced')
            AND coalesce(m.sent_at, m.created_at) < cutoff
         RETURNING m.id),
     tries AS (DELETE FROM notify.attempt a USING gone WHERE a.message_id = gone.id)
     SELECT pg_catalog.count(*) INTO n_msg FROM gone;
+    -- what the bounce mailbox held (suppressions stay: they end with notify.unsuppress)
+    DELETE FROM notify.bounce_mail b WHERE b.received_at < cutoff;
     DELETE FROM notify.event e
      WHERE e.processed_at IS NOT NULL AND e.processed_at < cutoff
        AND NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = e.id);

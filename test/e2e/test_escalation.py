@@ -191,6 +191,11 @@ ARGS = {
     "retry": ["{msg}"],
     "cancel": ["{msg}"],
     "purge": ["'0 s'"],
+    "set_bounce_mailbox": ["'imap://127.0.0.1:9/INBOX'", "'u'", "'p'", "'off'", "'ch_{u}'", "false"],
+    "drop_bounce_mailbox": ["'ch_{u}'"],
+    "check_bounces": ["NULL"],
+    "_check_bounce_mailbox": ["'imaps://127.0.0.1/INBOX'", "'verify'"],
+    "unsuppress": ["'h@example.com'"],
 }
 BY_TYPE = {"text": "'x'", "jsonb": "'{{}}'", "bigint": "1", "integer": "1", "boolean": "false",
            "text[]": "'{{}}'", "regclass": "{tbl}", "interval": "'1 day'",

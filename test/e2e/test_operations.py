@@ -69,7 +69,7 @@ def test_retry_requeues_a_failed_message(db, smtp, uniq):
     assert attempts == 2, "attempts keep counting across a manual retry"
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as exc:
         db.execute("SELECT notify.retry(%s)", (mid,))
-    assert "only queued, failed or dead messages can be retried" in str(exc.value)
+    assert "only queued, failed, dead or bounced messages can be retried" in str(exc.value)
 
 
 def test_cancel_a_message_waiting_for_its_retry(db, smtp, uniq):

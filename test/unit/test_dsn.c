@@ -66,11 +66,39 @@ typedef struct ExpectSample
 	DsnFormat	format;
 	const char *reporting_mta;
 	const char *message_id;
-	const char *verp_token;		/* with prefix "erp" and domain "example.com" */
+	const char *verp_token;		/* with the prefix and domain of verp_of() */
 	DsnAddressSource verp_source;
 	int			nrecipients;
 	ExpectRcpt	r[2];
 } ExpectSample;
+
+/* The VERP address of a sample: local prefix, domain and tag */
+typedef struct SampleVerp
+{
+	const char *file;
+	const char *prefix;
+	const char *domain;
+	const char *tag;
+} SampleVerp;
+
+/* Samples whose VERP address is not erp+m<id>.db7f3a@example.com (the real Postfix ones) */
+static const SampleVerp sample_verps[] = {
+	{"postfix_real_generated.eml", "bounces", "bounce.test", "tok"},
+	{"postfix_real_generated_4xx_expired.eml", "bounces", "bounce.test", "tmp"},
+};
+
+/* verp_of - a sample's VERP prefix, domain and tag */
+static SampleVerp
+verp_of(const char *file)
+{
+	SampleVerp	v = {file, "erp", "example.com", "db7f3a"};
+	size_t		i;
+
+	for (i = 0; i < sizeof(sample_verps) / sizeof(sample_verps[0]); i++)
+		if (strcmp(sample_verps[i].file, file) == 0)
+			v = sample_verps[i];
+	return v;
+}
 
 static const ExpectSample samples[] = {
 	{"postfix_failed.eml", DSN_KIND_DELIVERY_STATUS, DSN_FORMAT_RFC3464, "mail.example.com",
@@ -147,6 +175,24 @@ static const ExpectSample samples[] = {
 		"<notify.message.51.db7f3a@example.com>", "m51.db7f3a", DSN_ADDR_X_ORIGINAL_TO, 0, {{0}}},
 	{"malformed_missing_status.eml", DSN_KIND_MALFORMED, DSN_FORMAT_RFC3464, NULL,
 		"<notify.message.55.db7f3a@example.com>", "m55.db7f3a", DSN_ADDR_DELIVERED_TO, 0, {{0}}},
+
+	/*
+	 * Captured from the real Postfix of test/lib/mailstack.py: a 550 after
+	 * Postfix had accepted the mail (delivered to Dovecot over LMTP, which
+	 * adds Delivered-To), and a 450 that expired (maximal_queue_lifetime =
+	 * 0): Action failed with a 4.x.x status, which is no permanent failure.
+	 * Their VERP addresses are bounces+m42.tok@bounce.test, as the test sent.
+	 */
+	{"postfix_real_generated.eml", DSN_KIND_DELIVERY_STATUS, DSN_FORMAT_RFC3464, "mx.test",
+		"<nb-1@erp.test>", "m42.tok", DSN_ADDR_DELIVERED_TO, 1,
+		{{"nobody@dest.test", "nobody@dest.test", DSN_ACTION_FAILED, "5.1.1",
+			"550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown",
+		"127.0.0.1", true}}},
+	{"postfix_real_generated_4xx_expired.eml", DSN_KIND_DELIVERY_STATUS, DSN_FORMAT_RFC3464, "mx.test",
+		"<lt-1@erp.test>", "m43.tmp", DSN_ADDR_DELIVERED_TO, 1,
+		{{"later@dest.test", "later@dest.test", DSN_ACTION_FAILED, "4.2.1",
+			"450 4.2.1 <later@dest.test>: Recipient address rejected: Mailbox busy, try again later",
+		"127.0.0.1", false}}},
 };
 
 #define NSAMPLES ((int) (sizeof(samples) / sizeof(samples[0])))
@@ -367,6 +413,7 @@ test_samples(void)
 		DsnReport	r;
 		char		token[DSN_VERP_TOKEN_SIZE] = "";
 		char		why[128] = "";
+		SampleVerp	verp;
 		int			k;
 		int			i;
 
@@ -382,7 +429,8 @@ test_samples(void)
 			  e->file, show(r.reporting_mta), show(e->reporting_mta));
 		CHECK(same_str(r.returned_message_id, e->message_id), "%s Message-ID: got [%s], want [%s]",
 			  e->file, show(r.returned_message_id), show(e->message_id));
-		k = dsn_report_verp_token(&r, "erp", "example.com", token, sizeof(token));
+		verp = verp_of(e->file);
+		k = dsn_report_verp_token(&r, verp.prefix, verp.domain, token, sizeof(token));
 		if (e->verp_token == NULL)
 			CHECK(k == -1, "%s: unexpected VERP token %s", e->file, token);
 		else
@@ -396,7 +444,7 @@ test_samples(void)
 				  k >= 0 ? dsn_address_source_name(r.addresses[k].source) : "-",
 				  e->verp_token, dsn_address_source_name(e->verp_source));
 			CHECK(dsn_verp_message(token, &id, tag, sizeof(tag)) &&
-				  id == atoll(e->verp_token + 1) && strcmp(tag, "db7f3a") == 0,
+				  id == atoll(e->verp_token + 1) && strcmp(tag, verp.tag) == 0,
 				  "%s: token %s splits into %lld.%s", e->file, token, id, tag);
 		}
 		CHECK(r.nrecipients == e->nrecipients, "%s recipients: got %d, want %d", e->file,
@@ -468,6 +516,23 @@ test_sample_details(void)
 	dsn_report_free(&r);
 	CHECK(load("malformed_missing_status.eml", &r), "malformed_missing_status");
 	CHECK(r.error != NULL && strstr(r.error, "delivery-status part") != NULL, "error: %s", show(r.error));
+	dsn_report_free(&r);
+
+	/*
+	 * The real Postfix reports: the VERP address in Delivered-To, To,
+	 * X-Postfix-Sender and the returned Return-Path is one candidate; the
+	 * reporting MTA's own Message-Id is not the returned one.
+	 */
+	CHECK(load("postfix_real_generated.eml", &r), "postfix_real_generated");
+	CHECK(r.naddresses == 1 && strcmp(r.addresses[0].address, "bounces+m42.tok@bounce.test") == 0,
+		  "real Postfix: one VERP candidate, got %d", r.naddresses);
+	CHECK(r.original_envelope_id == NULL && r.feedback_type == NULL && !r.recipients_truncated,
+		  "real Postfix: no envid, no feedback type");
+	dsn_report_free(&r);
+	CHECK(load("postfix_real_generated_4xx_expired.eml", &r), "postfix_real_generated_4xx_expired");
+	CHECK(r.nrecipients == 1 && r.recipients[0].action == DSN_ACTION_FAILED &&
+		  !dsn_recipient_is_permanent_failure(&r.recipients[0]),
+		  "real Postfix, expired 4.x.x: failed but not permanent");
 	dsn_report_free(&r);
 
 	CHECK(load("spam.eml", &r), "spam");

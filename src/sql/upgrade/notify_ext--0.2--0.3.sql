@@ -825,3 +825,387 @@ REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;
 
 -- the workers that waited for this update (library 0.3, schema older) serve the database now
 SELECT notify._database_changed();
+
+--
+-- Bounces and suppression (0.3)
+-- VERP envelope senders (set_smtp's bounce_address), the bounce mailbox,
+-- notify.check_bounces, message status 'bounced', suppressions.
+--
+ALTER TABLE notify.channel ADD COLUMN bounce_address text;
+ALTER TABLE notify.message DROP CONSTRAINT message_status_check,
+    ADD CONSTRAINT message_status_check CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'dead',
+        'suppressed', 'cancelled', 'digest', 'digested', 'bounced'));
+
+-- set_smtp gains a last argument: the old signature goes, calls by position keep working
+DROP FUNCTION notify.set_smtp(text, text, text, text, text, text, integer);
+/*
+ * SECURITY DEFINER because the password goes into notify.channel_secret,
+ * which only the extension's owner can read or write; the caller needs
+ * EXECUTE on this function (notify_admin), nothing more.
+ *
+ * bounce_address (0.3, last so that calls by position keep working): the
+ * address whose plus-addresses are the envelope senders (VERP), when it is
+ * not from_address: each message goes out as MAIL FROM
+ * <local+m<id>.<tag>@domain>, so that its bounce names it (see
+ * 60_bounces.sql).  Its local part must not hold a '+' already: that is
+ * the delimiter the token follows.
+ */
+CREATE FUNCTION notify.set_smtp(url text, from_address text, username text DEFAULT NULL,
+                                password text DEFAULT NULL, tls text DEFAULT 'verify',
+                                name text DEFAULT 'email', rate_per_minute integer DEFAULT NULL,
+                                bounce_address text DEFAULT NULL)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]+$' THEN
+        RAISE EXCEPTION 'invalid channel name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF url IS NULL OR url !~* '^smtps?://[^/?#\s]+(/[^\s]*)?$' THEN
+        RAISE EXCEPTION 'invalid SMTP URL % for channel %',
+              coalesce('''' || pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                           url, '''', ''''''), E'\r', '\r'), E'\n', '\n') || '''', 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Only smtp://host:port and smtps://host:port are accepted.';
+    END IF;
+    IF url ~ '://[^/]*@' THEN
+        RAISE EXCEPTION 'the SMTP URL of channel % must not carry credentials', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass username and password as arguments: they are stored where only the extension owner can read them.';
+    END IF;
+    IF tls IS NULL OR tls NOT IN ('verify', 'require', 'try', 'off') THEN
+        RAISE EXCEPTION 'invalid tls mode % for channel %', coalesce(pg_catalog.quote_literal(tls), 'NULL'),
+              pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use ''verify'', ''require'', ''try'' or ''off''.';
+    END IF;
+    IF rate_per_minute IS NOT NULL AND rate_per_minute <= 0 THEN
+        RAISE EXCEPTION 'rate_per_minute must be positive (channel %)', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM notify._check_address(from_address, 'from_address of channel ' || pg_catalog.quote_literal(name));
+    IF bounce_address IS NOT NULL THEN
+        PERFORM notify._check_address(bounce_address, 'bounce_address of channel ' || pg_catalog.quote_literal(name));
+        IF bounce_address !~ '^[^"+@]+@[^@]+$' THEN
+            RAISE EXCEPTION 'the bounce_address of channel % must have a plain local part without ''+''',
+                  pg_catalog.quote_literal(name)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Each message is sent from local+m<id>.<tag>@domain of it: use e.g. bounces@example.com.';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = set_smtp.name AND c.kind <> 'smtp') THEN
+        RAISE EXCEPTION 'channel % exists and is not an SMTP channel', pg_catalog.quote_literal(name)
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    INSERT INTO notify.channel AS c (name, kind, url, from_address, username, tls, rate_per_minute,
+                                     bounce_address)
+    VALUES (set_smtp.name, 'smtp', set_smtp.url, set_smtp.from_address, set_smtp.username,
+            set_smtp.tls, set_smtp.rate_per_minute, set_smtp.bounce_address)
+    ON CONFLICT ON CONSTRAINT channel_pkey DO UPDATE
+       SET url = EXCLUDED.url, from_address = EXCLUDED.from_address, username = EXCLUDED.username,
+           tls = EXCLUDED.tls, rate_per_minute = EXCLUDED.rate_per_minute,
+           bounce_address = EXCLUDED.bounce_address, updated_at = pg_catalog.now();
+    INSERT INTO notify.channel_secret AS s (channel, password)
+    VALUES (set_smtp.name, set_smtp.password)
+    ON CONFLICT ON CONSTRAINT channel_secret_pkey DO UPDATE SET password = EXCLUDED.password;
+END
+$$;
+
+-- The channels without their secrets: what notify_admin may see (of headers, only their
+-- names), and whether each works (see notify.channel_health).
+CREATE OR REPLACE VIEW notify.channels AS
+    SELECT c.name, c.kind, c.url, c.from_address, c.username,
+           (s.password IS NOT NULL) AS has_password, c.tls, c.rate_per_minute, c.updated_at,
+           c.content_type, c.body_template,
+           CASE WHEN c.kind = 'webhook'
+                THEN ARRAY(SELECT k FROM pg_catalog.jsonb_object_keys(s.headers) AS k ORDER BY k)
+           END AS header_names,
+           COALESCE(h.state, 'ok') AS state, h.failing_since, h.last_error, h.next_probe_at,
+           c.bounce_address
+      FROM notify.channel c
+      LEFT JOIN notify.channel_secret s ON s.channel = c.name
+      LEFT JOIN notify.channel_health h ON h.channel = c.name;
+
+CREATE OR REPLACE FUNCTION notify.retry(message_id bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text := notify._lock_message(message_id);
+BEGIN
+    -- a queued message (waiting for its retry, or held by its failing channel) is made due now;
+    -- a bounced one again once its mailbox exists again (its address stays suppressed for new
+    -- messages until notify.unsuppress)
+    IF st NOT IN ('failed', 'dead', 'queued', 'bounced') THEN
+        RAISE EXCEPTION 'message % is %, only queued, failed, dead or bounced messages can be retried', message_id, st
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'See its row in notify.delivery_log.';
+    END IF;
+    -- attempts keep counting: the log shows every try ever made
+    UPDATE notify.message m SET status = 'queued', next_attempt_at = pg_catalog.now(), lease_until = NULL
+     WHERE m.id = retry.message_id;
+    PERFORM notify._wake_worker();
+END
+$$;
+
+/*
+ * Finished messages (and their attempts) older than the interval go, then
+ * processed events that no longer have messages, then attachments nobody
+ * needs.  Queued and sending messages, and unprocessed events, are never
+ * touched.  Returns the number of messages and events deleted.
+ */
+CREATE OR REPLACE FUNCTION notify.purge(older_than interval) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cutoff timestamptz;
+    n_msg  bigint;
+    n_evt  bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example notify.purge(''30 days'').';
+    END IF;
+    cutoff := pg_catalog.now() - older_than;
+    -- a message's tries go with it (notify.attempt has no foreign key to cascade)
+    WITH gone AS (
+        DELETE FROM notify.message m
+         WHERE m.status IN ('sent', 'failed', 'dead', 'suppressed', 'cancelled', 'digested', 'bounced')
+           AND coalesce(m.sent_at, m.created_at) < cutoff
+        RETURNING m.id),
+    tries AS (DELETE FROM notify.attempt a USING gone WHERE a.message_id = gone.id)
+    SELECT pg_catalog.count(*) INTO n_msg FROM gone;
+    -- what the bounce mailbox held (suppressions stay: they end with notify.unsuppress)
+    DELETE FROM notify.bounce_mail b WHERE b.received_at < cutoff;
+    DELETE FROM notify.event e
+     WHERE e.processed_at IS NOT NULL AND e.processed_at < cutoff
+       AND NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = e.id);
+    GET DIAGNOSTICS n_evt = ROW_COUNT;
+    DELETE FROM notify.attachment a
+     WHERE NOT EXISTS (SELECT 1 FROM notify.message m WHERE m.event_id = a.event_id AND m.rule_id = a.rule_id);
+    RETURN n_msg + n_evt;
+END
+$$;
+
+/*
+ * Where a channel's bounces arrive: an IMAP mailbox that the workers read
+ * every notify.bounce_poll_interval (and notify.check_bounces now).  One per
+ * SMTP channel; several channels may name the same mailbox.  The columns
+ * after updated_at are the readers': the next read is due at next_check_at
+ * (a worker that takes the mailbox pushes it by the interval first, so the
+ * other workers leave it alone), and state says whether the mailbox could
+ * be read the last time (the server log says once when it starts failing
+ * and once when it works again).
+ *
+ * leave_unseen: mail that is not a report about one of our messages
+ * (auto-replies, spam, a person's mail, malformed or unmatched reports) is
+ * flagged \Seen like the rest unless this is true; then it stays unread for
+ * whoever else reads the mailbox, and notify.bounce_mail, which records
+ * every mail examined, keeps it from being fetched again.
+ */
+CREATE TABLE notify.bounce_mailbox (
+    channel         text PRIMARY KEY REFERENCES notify.channel (name) ON DELETE CASCADE,
+    url             text NOT NULL,
+    username        text NOT NULL,
+    tls             text NOT NULL DEFAULT 'verify' CHECK (tls IN ('verify', 'require', 'try', 'off')),
+    leave_unseen    boolean NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    next_check_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_checked_at timestamptz,
+    state           text NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'failing')),
+    failing_since   timestamptz,
+    last_error      text
+);
+CREATE INDEX bounce_mailbox_due_idx ON notify.bounce_mailbox (next_check_at);
+
+-- The mailbox's password, apart: readable by the extension's owner only, as channel_secret.
+CREATE TABLE notify.bounce_mailbox_secret (
+    channel  text PRIMARY KEY REFERENCES notify.bounce_mailbox (channel) ON DELETE CASCADE,
+    password text NOT NULL
+);
+
+/*
+ * Every mail the readers examined, whatever it was: the operator sees what
+ * arrived and what was done with it, and a mail is never processed twice.
+ * A mail is known by its mailbox (URL and user, whichever channel reads it),
+ * the mailbox's UIDVALIDITY and its UID; the row is written in the same
+ * transaction as what the mail changed, and the mail is flagged \Seen only
+ * after that transaction committed (seen: it was, or is about to be).  An
+ * unseen mail found here again was recorded but not flagged (a crash in
+ * between, or leave_unseen): it is flagged now, or left alone, never
+ * processed again.
+ *
+ * kind: delivery-status, complaint, other (auto-reply, spam, a person),
+ * malformed (a report that cannot be read), unreadable (could not be
+ * fetched: too large, refused).  action: bounced (its message is now
+ * bounced), complaint (its address suppressed), delayed (a delay or
+ * temporary failure: nothing changes), duplicate (about a message already
+ * bounced), unmatched (a report about no message of this database),
+ * ignored (not a report), error (processing failed: note says why).
+ */
+CREATE TABLE notify.bounce_mail (
+    id           bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    channel      text NOT NULL,
+    mailbox      text NOT NULL,
+    uidvalidity  bigint NOT NULL,
+    uid          bigint NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    from_header  text,
+    subject      text,
+    kind         text NOT NULL
+                 CHECK (kind IN ('delivery-status', 'complaint', 'other', 'malformed', 'unreadable')),
+    format       text,
+    message_id   bigint,
+    matched_by   text CHECK (matched_by IN ('verp', 'message-id')),
+    action       text NOT NULL
+                 CHECK (action IN ('bounced', 'complaint', 'delayed', 'duplicate', 'unmatched',
+                                   'ignored', 'error')),
+    address      text,
+    status       text,
+    diagnostic   text,
+    note         text,
+    seen         boolean NOT NULL,
+    UNIQUE (mailbox, uidvalidity, uid)
+);
+CREATE INDEX bounce_mail_message_idx ON notify.bounce_mail (message_id);
+
+/*
+ * Addresses that are not mailed any more: a permanent failure (5.x.x) or a
+ * complaint.  Keyed by the address without case.  Fan-out looks an address
+ * up here only when the table is not empty (one check per batch), then by
+ * this index; a message to a suppressed address is a 'suppressed' row whose
+ * last_error names the bounce.  Rows end with notify.unsuppress, never with
+ * notify.purge or notify.retention.
+ */
+CREATE TABLE notify.suppression (
+    address    text NOT NULL,
+    reason     text NOT NULL CHECK (reason IN ('bounce', 'complaint')),
+    status     text,            -- the report's status (5.1.1), or a complaint's feedback type
+    diagnostic text,
+    message_id bigint,          -- the message whose bounce (or complaint) it was
+    channel    text,
+    since      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE UNIQUE INDEX suppression_address_idx ON notify.suppression (pg_catalog.lower(address));
+
+CREATE VIEW notify.suppressions AS
+    SELECT s.address, s.reason, s.diagnostic, s.message_id, s.since, s.status, s.channel
+      FROM notify.suppression s;
+
+-- The bounce mailboxes without their passwords, and whether each can be read.
+CREATE VIEW notify.bounce_mailboxes AS
+    SELECT b.channel, b.url, b.username, (s.password IS NOT NULL) AS has_password, b.tls,
+           b.leave_unseen, b.state, b.failing_since, b.last_error, b.last_checked_at,
+           b.next_check_at, b.updated_at
+      FROM notify.bounce_mailbox b
+      LEFT JOIN notify.bounce_mailbox_secret s ON s.channel = b.channel;
+
+-- Raises unless url is an imap:// or imaps:// URL the reader accepts, with a tls mode it can use.
+CREATE FUNCTION notify._check_bounce_mailbox(url text, tls text) RETURNS void
+    LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'notify_check_bounce_mailbox';
+
+/*
+ * SECURITY DEFINER because the password goes into
+ * notify.bounce_mailbox_secret, which only the extension's owner can read
+ * or write.  The mailbox is read from the next poll on (the workers are
+ * woken at commit); set_bounce_mailbox does not connect: check_bounces
+ * does, and says what went wrong.
+ */
+CREATE FUNCTION notify.set_bounce_mailbox(url text, username text, password text,
+                                          tls text DEFAULT 'verify', channel text DEFAULT 'email',
+                                          leave_unseen boolean DEFAULT false)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM notify.channel c WHERE c.name = set_bounce_mailbox.channel AND c.kind = 'smtp') THEN
+        RAISE EXCEPTION 'there is no SMTP channel %', notify._quoted(channel)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'A bounce mailbox belongs to an SMTP channel: create it first with notify.set_smtp.';
+    END IF;
+    IF tls IS NULL OR tls NOT IN ('verify', 'require', 'try', 'off') THEN
+        RAISE EXCEPTION 'invalid tls mode % for the bounce mailbox of channel %',
+              coalesce(pg_catalog.quote_literal(tls), 'NULL'), notify._quoted(channel)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use ''verify'', ''require'', ''try'' or ''off''.';
+    END IF;
+    PERFORM notify._check_bounce_mailbox(url, tls);
+    IF username IS NULL OR username = '' OR username ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'the bounce mailbox of channel % needs a user name (one line of text)', notify._quoted(channel)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the value itself is never shown: it is a secret
+    IF password IS NULL OR password = '' OR password ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'the bounce mailbox of channel % needs a password (one line of text)', notify._quoted(channel)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO notify.bounce_mailbox AS b (channel, url, username, tls, leave_unseen)
+    VALUES (set_bounce_mailbox.channel, set_bounce_mailbox.url, set_bounce_mailbox.username,
+            set_bounce_mailbox.tls, coalesce(set_bounce_mailbox.leave_unseen, false))
+    ON CONFLICT ON CONSTRAINT bounce_mailbox_pkey DO UPDATE
+       SET url = EXCLUDED.url, username = EXCLUDED.username, tls = EXCLUDED.tls,
+           leave_unseen = EXCLUDED.leave_unseen, updated_at = pg_catalog.now(),
+           next_check_at = pg_catalog.now();
+    INSERT INTO notify.bounce_mailbox_secret AS s (channel, password)
+    VALUES (set_bounce_mailbox.channel, set_bounce_mailbox.password)
+    ON CONFLICT ON CONSTRAINT bounce_mailbox_secret_pkey DO UPDATE SET password = EXCLUDED.password;
+    PERFORM notify._wake_worker();
+END
+$$;
+
+-- A channel's bounce mailbox is no longer read (what it recorded stays in notify.bounce_mail).
+CREATE FUNCTION notify.drop_bounce_mailbox(channel text DEFAULT 'email') RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM notify.bounce_mailbox b WHERE b.channel = drop_bounce_mailbox.channel;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'channel % has no bounce mailbox', notify._quoted(channel)
+            USING ERRCODE = 'undefined_object';
+    END IF;
+END
+$$;
+
+/*
+ * Read the bounce mailbox of a channel (of every channel when NULL) now, in
+ * this session: returns how many mails were examined (each is recorded in
+ * notify.bounce_mail; what was recorded before is not counted).  The mails
+ * are flagged \Seen when the calling transaction commits.  SECURITY
+ * DEFINER to read the mailbox's password.
+ */
+CREATE FUNCTION notify.check_bounces(channel text DEFAULT NULL) RETURNS integer
+    LANGUAGE c SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'notify_check_bounces';
+
+-- Mail this address again; false when it was not suppressed.
+CREATE FUNCTION notify.unsuppress(address text) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM notify.suppression s WHERE pg_catalog.lower(s.address) = pg_catalog.lower(unsuppress.address);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    RAISE LOG 'notify_ext: address % unsuppressed by %', notify._quoted(address), current_user;
+    RETURN true;
+END
+$$;
+
+-- Rights, as for the rest of the schema (50_log.sql): notify_admin reads, never the password.
+REVOKE ALL ON notify.bounce_mailbox, notify.bounce_mailbox_secret, notify.bounce_mail,
+    notify.suppression, notify.suppressions, notify.bounce_mailboxes FROM PUBLIC;
+REVOKE ALL ON FUNCTION notify._check_bounce_mailbox(text, text),
+    notify.set_bounce_mailbox(text, text, text, text, text, boolean),
+    notify.drop_bounce_mailbox(text), notify.check_bounces(text), notify.unsuppress(text) FROM PUBLIC;
+GRANT SELECT ON notify.bounce_mailbox, notify.bounce_mail, notify.suppression, notify.suppressions,
+    notify.bounce_mailboxes TO notify_admin;
+GRANT EXECUTE ON FUNCTION notify._check_bounce_mailbox(text, text),
+    notify.set_bounce_mailbox(text, text, text, text, text, boolean),
+    notify.drop_bounce_mailbox(text), notify.check_bounces(text), notify.unsuppress(text) TO notify_admin;
+
+-- The mailbox settings and the suppressions are configuration; what arrived is log.
+SELECT pg_catalog.pg_extension_config_dump('notify.bounce_mailbox', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.bounce_mailbox_secret', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.suppression', '');
+SELECT pg_catalog.pg_extension_config_dump('notify.bounce_mail', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('notify.bounce_mail', 'id')::pg_catalog.regclass, '');
+
+-- rights, as a fresh install has them (new functions included)
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notify FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA notify TO notify_admin;
+REVOKE EXECUTE ON FUNCTION notify._stamp_owner() FROM notify_admin;
