@@ -912,8 +912,8 @@ static bool wakeup_passed_on = false;
  * server.  A stopping worker, or a cancelled check_bounces(), gives up at
  * once.  A worker whose latch a commit set while it reads (every worker
  * was busy, so the commit chose one of them) passes the wake-up on to the
- * others: a server that takes its time must not hold the mail it is woken
- * for.
+ * others, or has one more started: a server that takes its time must not
+ * hold the mail it is woken for.
  */
 static int
 imap_abort(void *arg)
@@ -921,7 +921,7 @@ imap_abort(void *arg)
 	if (notify_worker_slot >= 0 && !wakeup_passed_on && MyLatch->is_set)
 	{
 		wakeup_passed_on = true;
-		notify_wake_workers_except(notify_worker_slot);
+		notify_pass_wakeup_on(notify_worker_slot);
 	}
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
 }

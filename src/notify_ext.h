@@ -195,6 +195,7 @@ extern NotifyDatabase *notify_database_entry(Oid dboid, bool create);
 extern void notify_wake_worker(void);
 extern void notify_wake_worker_at_commit(void);
 extern void notify_wake_workers_except(int slot);
+extern void notify_pass_wakeup_on(int slot);
 extern void notify_database_changed_at_commit(void);
 extern void notify_request_worker(NotifyDatabase *db);
 extern void notify_set_worker_state(const char *state);

@@ -282,6 +282,40 @@ notify_wake_workers_except(int slot)
 	(void) wake_database_workers(MyDatabaseId, slot, true);
 }
 
+/*
+ * notify_pass_wakeup_on: a worker that cannot serve a commit's wake-up now
+ * (it waits for a slow server: a bounce mailbox that takes its time) hands
+ * it to the other workers of its database, or, when no other is running,
+ * has the launcher start one more (up to notify.workers): the commit chose
+ * this worker because every worker was busy.
+ */
+void
+notify_pass_wakeup_on(int slot)
+{
+	NotifyDatabase *db;
+	int			running = 0;
+
+	if (notify_shared == NULL)
+		return;
+	if (wake_database_workers(MyDatabaseId, slot, true) > 0)
+		return;
+	db = my_database(true);
+	if (db == NULL)
+		return;
+	LWLockAcquire(notify_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+	{
+		NotifyWorkerSlot *w = &notify_shared->workers[i];
+
+		if (w->in_use && w->dboid == MyDatabaseId && !w->exiting && !w->stop && !w->exited)
+			running++;
+	}
+	if (db->dboid == MyDatabaseId)
+		db->workers_wanted = Max(db->workers_wanted, running + 1);
+	LWLockRelease(notify_shared->lock);
+	set_launcher_latch();
+}
+
 /* notify_wake_worker: wake every worker of this database now, or ask for one. */
 void
 notify_wake_worker(void)
