@@ -1064,6 +1064,7 @@ notify_worker_main(Datum main_arg)
 	/* a setting, not only what pg_stat_activity shows: a nest level restores it */
 	SetConfigOption("application_name", "notify_ext worker", PGC_USERSET, PGC_S_SESSION);
 	pin_search_path(true);
+	notify_plan_for_indexes = true;
 
 	keep_freed_memory();
 	smtp_global_init();

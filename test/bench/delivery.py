@@ -50,6 +50,7 @@ from harness import Cluster  # noqa: E402
 
 TARGET_SOURCE = 0.5
 TARGET_PYTHON = 3.0
+TARGET_CLUSTER_US = 150     # CPU of the whole cluster per delivered message (issue 17)
 WARMUP = 200
 FROM = "erp@example.com"
 
@@ -66,6 +67,18 @@ def proc_cpu(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
+
+
+def cluster_cpu(c):
+    """CPU seconds of the whole cluster so far: the postmaster, its children
+    that ended (the postmaster's cutime + cstime: workers that started and
+    left during a run count too) and those still running."""
+    with open(os.path.join(c.data, "postmaster.pid")) as f:
+        pm = int(f.readline())
+    with open(f"/proc/{pm}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total + sum(proc_cpu(p) for p in cluster_pids(c) if p != pm)
 
 
 def cluster_pids(c):
@@ -203,10 +216,11 @@ def run_notify(c, sink, n, first_row, perf=None):
     with c.connect() as db:
         first_msg = db.execute("SELECT coalesce(max(id), 0) + 1 FROM notify.message").fetchone()[0]
         sink0 = sink.messages()
+        # workers start on demand: those running now, and any the run starts
         pids = {r[0] for r in db.execute(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'notify_ext worker'")}
-        all_pids = cluster_pids(c)
-        cpu0 = {p: proc_cpu(p) for p in all_pids}
+        cpu0 = {p: proc_cpu(p) for p in cluster_pids(c)}
+        total0 = cluster_cpu(c)
         sink_cpu0 = proc_cpu(sink.proc.pid)
         if perf:
             data, rec = perf_start(sorted(pids), perf)
@@ -233,19 +247,23 @@ def run_notify(c, sink, n, first_row, perf=None):
         while sink.messages() - sink0 < n and time.monotonic() < deadline:
             time.sleep(0.05)
         got = sink.messages() - sink0
-        cpu = {p: proc_cpu(p) - cpu0[p] for p in all_pids}
+        pids |= {r[0] for r in db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'notify_ext worker'")}
+        worker_cpu = sum(proc_cpu(p) - cpu0.get(p, 0.0) for p in pids)
+        total_cpu = cluster_cpu(c) - total0
         sink_cpu = proc_cpu(sink.proc.pid) - sink_cpu0
     elapsed = float(last_sent) - t0
-    worker_cpu = sum(cpu[p] for p in pids if p in cpu)
-    other_cpu = sum(v for p, v in cpu.items() if p not in pids)
+    other_cpu = total_cpu - worker_cpu
     print(f"notify_ext: {n} events committed in one transaction (commit took {1000 * (t_commit - t0):.1f} ms); "
           f"last mail accepted {elapsed:.2f} s after COMMIT = {n / elapsed:.0f} msgs/s; "
           f"fan-out finished after ~{float(fanned) - t0:.2f} s, first mail after {float(first_sent) - t0:.3f} s; "
           f"{retried} retried; smtp-sink counted {got}")
-    print(f"  CPU: {len(pids)} workers {worker_cpu:.2f} s ({1e6 * worker_cpu / n:.0f} us/msg), "
-          f"other postgres processes {other_cpu:.2f} s, smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
+    print(f"  CPU: the whole cluster {total_cpu:.2f} s = {1e6 * total_cpu / n:.0f} us/msg (target <= {TARGET_CLUSTER_US}): "
+          f"{len(pids)} workers {worker_cpu:.2f} s ({1e6 * worker_cpu / n:.0f} us/msg), "
+          f"the rest (the committing backend's capture, WAL writer, checkpointer, launcher) {other_cpu:.2f} s; "
+          f"smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
     assert got == n, f"smtp-sink counted {got} of {n}"
-    return n / elapsed, (worker_cpu + other_cpu) / n
+    return n / elapsed, total_cpu / n
 
 
 def setup_notify(c, sink, workers):
@@ -312,7 +330,8 @@ def main():
           f"python {med['python']:.0f} msgs/s{note}; "
           f"notify/smtp-source = {med['notify'] / med['source']:.2f} (target >= {TARGET_SOURCE}), "
           f"notify/python = {med['notify'] / med['python']:.2f} (target >= {TARGET_PYTHON:g}); "
-          f"client CPU/msg (sink excluded): notify {1e6 * statistics.median(cpu['notify']):.0f} us, "
+          f"CPU/msg (sink excluded): notify's whole cluster {1e6 * statistics.median(cpu['notify']):.0f} us "
+          f"(target <= {TARGET_CLUSTER_US}), "
           f"smtp-source {1e6 * statistics.median(cpu['source']):.0f} us, "
           f"python {1e6 * statistics.median(cpu['python']):.0f} us")
 
