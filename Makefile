@@ -3,7 +3,7 @@
 #   make installcheck            pg_regress tests (needs a server with notify_ext preloaded;
 #                                see test/run)
 #   make unitcheck               pure-C unit tests (template, mime) and the Mustache spec
-#   make bench                   the benchmarks in test/bench (install the extension first; ~9.5 min)
+#   make bench                   the benchmarks in test/bench (install the extension first; ~14 min)
 #   make installcheck-debian     the README's install and first rule, as written, on a new Debian
 #                                cluster (test/install_debian; root; runs make install; ~20 s)
 

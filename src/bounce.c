@@ -1127,27 +1127,18 @@ mailbox_lock_tag(LOCKTAG *tag, const Mailbox *mb)
 static TimestampTz bounce_checked_at = 0;
 static TimestampTz bounce_due_at = 0;	/* 0: none due */
 
-/* begin_work, end_work: a transaction of the worker's, as worker_spi does it. */
+/* begin_work, end_work: a worker's transaction (spi_util.c), with the plans ready. */
 static void
 begin_work(const char *activity)
 {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	notify_lock_extension();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
+	notify_begin_work(activity);
 	prepare_plans();
 }
 
 static void
 end_work(MemoryContext cxt)
 {
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	notify_end_work();
 	MemoryContextSwitchTo(cxt);
 }
 

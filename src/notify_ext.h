@@ -181,6 +181,8 @@ extern int	notify_execute_as_owner(Oid owner, const char *what, const char *sql,
 extern char *notify_clean_text(const char *src, size_t len, size_t maxlen);
 extern struct _SPI_plan *notify_keep_plan(const char *sql, int nargs, Oid *argtypes);
 extern bool notify_plan_for_indexes;
+extern void notify_begin_work(const char *activity);
+extern void notify_end_work(void);
 extern uint64 notify_run_plan(struct _SPI_plan *plan, Datum *values, const char *nulls,
 							  bool read_only, long tcount, int expected, const char *what);
 extern void notify_refresh_snapshot(void);

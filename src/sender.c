@@ -702,29 +702,6 @@ load_attachments(ClaimedMessage *m)
  */
 #define RECORD_EVERY 16
 
-/* begin_work: a transaction with SPI and a snapshot, as worker_spi does it. */
-static void
-begin_work(const char *activity)
-{
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	notify_lock_extension();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-/* end_work: commit what begin_work started. */
-static void
-end_work(void)
-{
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
 /*
  * renew_leases: the messages of the batch still in our hands (in flight
  * or waiting for a free connection) keep their lease while we live; a
@@ -870,7 +847,7 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	bool		recovered;
 
 	HOLD_INTERRUPTS();
-	begin_work("notify_ext: recording results");
+	notify_begin_work("notify_ext: recording results");
 	MemoryContextSwitchTo(batch);
 	record_health(true);
 	lock_held_channels(claimed);
@@ -879,7 +856,7 @@ commit_results(List *claimed, MemoryContext batch, bool renew)
 	if (renew)
 		renew_leases(claimed);
 	MemoryContextSwitchTo(batch);
-	end_work();
+	notify_end_work();
 	health_log_transitions(false);
 	/* a channel that works again: what it held is for every worker to send */
 	if (recovered)
@@ -991,7 +968,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 	if (pool == NULL)
 		pool = smtp_pool_create();
 
-	begin_work("notify_ext: claiming messages");
+	notify_begin_work("notify_ext: claiming messages");
 	prepare_plans();
 	MemoryContextSwitchTo(batch);
 	batch_channels = NIL;
@@ -1011,7 +988,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 			load_attachments(m);
 	}
 	MemoryContextSwitchTo(batch);
-	end_work();
+	notify_end_work();
 	MemoryContextSwitchTo(batch);
 	last_renew = GetCurrentTimestamp();
 
@@ -1070,6 +1047,23 @@ send_due_messages(int batch_size, long *next_due_ms)
 				unrecorded = 0;
 			}
 		}
+		/*
+		 * Asked to stop (a slot wanted by another database, a DDL, SIGTERM)
+		 * with messages claimed but not started: they go back to the
+		 * queue, due now, their attempt given back.  Left 'sending', they
+		 * waited for their lease to run out (notify.lease, a minute) when no
+		 * worker was left in the database to take them back sooner.
+		 */
+		for (; next != NULL; next = lnext(claimed, next))
+		{
+			ClaimedMessage *m = (ClaimedMessage *) lfirst(next);
+
+			if (!m->tried)
+			{
+				m->defer_until = GetCurrentTimestamp();
+				m->tried = true;
+			}
+		}
 		commit_results(claimed, batch, false);
 		notify_set_worker_state("idle");
 	}
@@ -1081,7 +1075,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 	if (list_length(claimed) >= batch_size)
 		return list_length(claimed);
 
-	begin_work("notify_ext: next due");
+	notify_begin_work("notify_ext: next due");
 	if (notify_run_plan(next_due_plan, NULL, NULL, true, 1, SPI_OK_SELECT, "finding the next due message") == 1)
 	{
 		due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -1092,7 +1086,7 @@ send_due_messages(int batch_size, long *next_due_ms)
 			*next_due_ms = secs <= 0 ? 0 : (long) (secs * 1000.0) + 1;
 		}
 	}
-	end_work();
+	notify_end_work();
 	MemoryContextSwitchTo(batch);
 
 	return list_length(claimed);

@@ -14,6 +14,7 @@
 #include "storage/lmgr.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "utils/array.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
@@ -319,4 +320,30 @@ notify_array(Datum *values, bool *nulls, int n, Oid elemtype)
 
 	get_typlenbyvalalign(elemtype, &len, &byval, &align);
 	return PointerGetDatum(construct_md_array(values, nulls, 1, dims, lbs, elemtype, len, byval, align));
+}
+
+/*
+ * notify_begin_work, notify_end_work: a worker's transaction with SPI and
+ * a snapshot, as worker_spi does it; the extension is locked against DROP
+ * EXTENSION for its length, and pg_stat_activity says what it does.
+ */
+void
+notify_begin_work(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	notify_lock_extension();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+void
+notify_end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
 }

@@ -14,7 +14,7 @@ import time
 import psycopg
 import pytest
 
-from harness import Cluster, PG_BIN, _as_pg_user, set_guc, wait_until
+from harness import Cluster, PG_BIN, SmtpServer, _as_pg_user, set_guc, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from benchlib import SmtpSink  # noqa: E402
@@ -364,6 +364,45 @@ def test_flooded_database_does_not_delay_another(mc, smtp, uniq):
             for g in ("notify.workers", "notify.max_workers", "notify.worker_idle_timeout"):
                 set_guc(mc, c, g, None)
         sink.stop()
+
+
+def test_a_worker_giving_its_slot_up_hands_back_what_it_had_not_started(mc, smtp, uniq):
+    """notify.max_workers = 1: a database that waits for the slot makes the one worker of
+    another database leave in the middle of its batch.  What that worker had claimed and not
+    started goes back to the queue at once.  It stayed 'sending' until its lease ran out
+    (notify.lease, 300 s here): with no other worker left in the database, nobody took it
+    back sooner (in test/bench/multidb.py, one of 200 mails came 60 s late)."""
+    slow = SmtpServer()
+    slow.data_delay = lambda mail: 0.5
+    a, b = f"ga_{uniq}", f"gb_{uniq}"
+    to_a, to_b = f"{a}@example.com", f"{b}@example.com"
+    setup_db(mc, slow.port, a)
+    setup_db(mc, smtp.port, b)
+    try:
+        with mc.connect("postgres") as c:
+            set_guc(mc, c, "notify.max_workers", 1)
+            set_guc(mc, c, "notify.workers", 1)
+            set_guc(mc, c, "notify.lease", "300s")
+        with mc.connect(a) as db:
+            emit(db, 1, to_a, count=10)       # one claim of 10 (less than a full one)
+            slow.wait_for(to_a, count=3, timeout=20)
+        t0 = time.monotonic()
+        with mc.connect(b) as db:
+            emit(db, 1, to_b)
+            smtp.wait_for(to_b, timeout=20)
+        t_b = time.monotonic() - t0
+        with mc.connect(a) as db:
+            states = db.execute("SELECT status, count(*) FROM notify.message GROUP BY 1 ORDER BY 1").fetchall()
+        mails = slow.wait_for(to_a, count=10, timeout=30)
+        t_a = time.monotonic() - t0
+        print(f"database b's mail {1000 * t_b:.0f} ms after its commit (the slot given up); "
+              f"database a meanwhile {states}; all 10 of a's mails {t_a:.1f} s after b's commit")
+        assert sorted(set(numbers(mails))) == list(range(1, 11))
+    finally:
+        with mc.connect("postgres") as c:
+            for g in ("notify.max_workers", "notify.workers", "notify.lease"):
+                set_guc(mc, c, g, None)
+        slow.stop()
 
 
 def test_raising_max_workers_on_reload_takes_effect(mc, uniq):
