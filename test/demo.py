@@ -30,7 +30,7 @@ def main():
     smtp = SmtpServer()
     print(f"== SMTP server (aiosmtpd) listening on 127.0.0.1:{smtp.port}")
     cluster = Cluster(dbname="erp")
-    print(f"== PostgreSQL cluster in {cluster.dir}, notify_ext preloaded, notify.database = erp")
+    print(f"== PostgreSQL cluster in {cluster.dir}, notify_ext preloaded; database erp")
     try:
         with cluster.connect() as db:
             for stmt in SQL_SETUP.format(port=smtp.port).split(";\n"):
