@@ -66,6 +66,24 @@ class SmtpSink:
         os.unlink(self.counter_file)
 
 
+def pct(sorted_values, p):
+    """Nearest-rank percentile of sorted values."""
+    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def wait_mails(server, count, timeout, where=""):
+    """Wait until an SMTP server of the harness (aiosmtpd: .mails, .cond) holds count
+    mails; fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    with server.cond:
+        while len(server.mails) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(server.mails)} of {count} mails{where} after {timeout} s")
+            server.cond.wait(left)
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return f.read().split()[0]

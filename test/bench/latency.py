@@ -28,28 +28,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from benchlib import loadavg  # noqa: E402
+from benchlib import loadavg, pct, wait_mails  # noqa: E402
 from harness import Cluster, SmtpServer  # noqa: E402
 
 TARGET_P50_MS = 20
 TARGET_P99_MS = 100
 WARMUP = 50
-
-
-def pct(sorted_values, p):
-    """Nearest-rank percentile."""
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
-
-
-def wait_mails(server, count, timeout):
-    deadline = time.monotonic() + timeout
-    with server.cond:
-        while len(server.mails) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{len(server.mails)} of {count} mails after {timeout} s")
-            server.cond.wait(left)
 
 
 def main():

@@ -35,29 +35,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from benchlib import SMTP_SOURCE, loadavg  # noqa: E402
+from benchlib import SMTP_SOURCE, loadavg, pct, wait_mails  # noqa: E402
 from harness import Cluster  # noqa: E402
 from mailstack import FinalSmtp, Postfix  # noqa: E402
 
 BODY = "".join(f"Line {i:02d} of the invoice notice: the quick brown fox jumps over the lazy dog.\n"
                for i in range(12))
 WARMUP = 50
-
-
-def pct(sorted_values, p):
-    """Nearest-rank percentile."""
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
-
-
-def wait_mails(final, count, timeout):
-    deadline = time.monotonic() + timeout
-    with final.cond:
-        while len(final.mails) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{len(final.mails)} of {count} mails at the final server after {timeout} s")
-            final.cond.wait(left)
 
 
 def ids_of(final, kind):
@@ -81,7 +65,7 @@ def smtp_source_rate(n, sessions, through_postfix):
         subprocess.run([SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(n), "-l", "1000",
                         "-f", "erp@erp.test", "-t", "src@dest.test", f"127.0.0.1:{port}"],
                        check=True, capture_output=True, timeout=600)
-        wait_mails(final, n, 600)
+        wait_mails(final, n, 600, where=" at the final server")
         return n / (max(m.wall_time for m in final.mails) - t0)
     finally:
         if postfix:
@@ -106,7 +90,7 @@ def run(workers, args):
             db.execute("SELECT notify.create_rule('pf', 'order.created', 'pf', ARRAY['field:row.email'])")
             db.execute("INSERT INTO orders SELECT g, 'Warm', 'warm' || g || '@dest.test' "
                        "FROM generate_series(1, %s) g", (WARMUP,))
-            wait_mails(final, WARMUP, 60)
+            wait_mails(final, WARMUP, 60, where=" at the final server")
 
             # throughput: committed 200 to a transaction, as fast as the client goes
             n = args.messages
@@ -117,7 +101,7 @@ def run(workers, args):
                            "FROM generate_series(%s, %s) g", (base + start, base + min(start + 200, n) - 1))
                 db.commit()
             db.autocommit = True
-            wait_mails(final, WARMUP + n, 600)
+            wait_mails(final, WARMUP + n, 600, where=" at the final server")
             first_commit = db.execute("SELECT min(extract(epoch FROM pg_xact_commit_timestamp(xmin)))::float8 "
                                       "FROM orders WHERE kind = 'Bulk'").fetchone()[0]
             # when Postfix had the last one (its 250, as the worker recorded it: an upper bound)
@@ -141,7 +125,7 @@ def run(workers, args):
                 elif now - due > 0.005:
                     behind += 1
                 db.execute("INSERT INTO orders VALUES (%s, 'Lat', %s)", (lbase + i, f"lat{i}@dest.test"))
-            wait_mails(final, WARMUP + n + m, 120)
+            wait_mails(final, WARMUP + n + m, 120, where=" at the final server")
             committed = dict(db.execute("SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 "
                                         "FROM orders WHERE kind = 'Lat'"))
             got = ids_of(final, "Lat")
