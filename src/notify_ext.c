@@ -444,6 +444,46 @@ describe_database(const NotifyDatabase *db, int slots_in_use)
 }
 
 /*
+ * copy_database_state: under the shared lock, this database's running
+ * workers (copied into slots when not NULL; their number in *running), the
+ * slots in use in the cluster (*in_use), and the database's entry (into
+ * *db; false when it has none).
+ */
+static bool
+copy_database_state(NotifyWorkerSlot *slots, int *running, int *in_use, NotifyDatabase *db)
+{
+	NotifyDatabase *e;
+	bool		have_db = false;
+
+	*running = 0;
+	*in_use = 0;
+	if (notify_shared == NULL)
+		return false;
+	LWLockAcquire(notify_shared->lock, LW_SHARED);
+	for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
+	{
+		NotifyWorkerSlot *w = &notify_shared->workers[i];
+
+		if (w->in_use)
+			(*in_use)++;
+		if (w->in_use && w->dboid == MyDatabaseId && w->pid != 0 && !w->exited)
+		{
+			if (slots != NULL)
+				slots[*running] = *w;
+			(*running)++;
+		}
+	}
+	e = notify_database_entry(MyDatabaseId, false);
+	if (e != NULL)
+	{
+		memcpy(db, e, sizeof(*db));
+		have_db = true;
+	}
+	LWLockRelease(notify_shared->lock);
+	return have_db;
+}
+
+/*
  * notify_workers_shmem: notify._workers(): each running worker of this
  * database with its own figures, as it published them; or, when none is
  * running, one row without a pid that says why.
@@ -461,28 +501,7 @@ notify_workers_shmem(PG_FUNCTION_ARGS)
 
 #define WORKERS_NATTS 9
 	InitMaterializedSRF(fcinfo, 0);
-	if (notify_shared != NULL)
-	{
-		NotifyDatabase *e;
-
-		LWLockAcquire(notify_shared->lock, LW_SHARED);
-		for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
-		{
-			NotifyWorkerSlot *w = &notify_shared->workers[i];
-
-			if (w->in_use)
-				in_use++;
-			if (w->in_use && w->dboid == MyDatabaseId && w->pid != 0 && !w->exited)
-				slots[n++] = *w;
-		}
-		e = notify_database_entry(MyDatabaseId, false);
-		if (e != NULL)
-		{
-			memcpy(&db, e, sizeof(db));
-			have_db = true;
-		}
-		LWLockRelease(notify_shared->lock);
-	}
+	have_db = copy_database_state(slots, &n, &in_use, &db);
 	for (int i = 0; i < n; i++)
 	{
 		Datum		values[WORKERS_NATTS];
@@ -538,28 +557,7 @@ notify_database_shmem(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	tupdesc = BlessTupleDesc(tupdesc);
-	if (notify_shared != NULL)
-	{
-		NotifyDatabase *e;
-
-		LWLockAcquire(notify_shared->lock, LW_SHARED);
-		for (int i = 0; i < NOTIFY_WORKER_SLOTS; i++)
-		{
-			NotifyWorkerSlot *w = &notify_shared->workers[i];
-
-			if (w->in_use)
-				in_use++;
-			if (w->in_use && w->dboid == MyDatabaseId && w->pid != 0 && !w->exited)
-				running++;
-		}
-		e = notify_database_entry(MyDatabaseId, false);
-		if (e != NULL)
-		{
-			memcpy(&db, e, sizeof(db));
-			have_db = true;
-		}
-		LWLockRelease(notify_shared->lock);
-	}
+	have_db = copy_database_state(NULL, &running, &in_use, &db);
 	if (running > 0)
 		values[0] = CStringGetTextDatum(psprintf("served by %d worker%s", running, running > 1 ? "s" : ""));
 	else
