@@ -1571,3 +1571,40 @@ mime_build_message(const char *headers, const char *text, const char *html,
 		*outlen = sb.len;
 	return out;
 }
+
+char *
+mime_smtp_data(const char *message, size_t len, size_t *outlen)
+{
+	size_t		dots = 0;
+	size_t		n;
+	char	   *out;
+	char	   *w;
+	bool		ends_crlf = len >= 2 && message[len - 2] == '\r' && message[len - 1] == '\n';
+
+	/* a line starts at the message's start and after each LF */
+	for (size_t i = 0; i < len; i++)
+		if (message[i] == '.' && (i == 0 || message[i - 1] == '\n'))
+			dots++;
+	n = len + dots + (ends_crlf || len == 0 ? 0 : 2) + 3;
+	out = mime_hooks.alloc(n + 1);
+	if (out == NULL)
+		return NULL;
+	w = out;
+	for (size_t i = 0; i < len; i++)
+	{
+		if (message[i] == '.' && (i == 0 || message[i - 1] == '\n'))
+			*w++ = '.';
+		*w++ = message[i];
+	}
+	if (!ends_crlf && len > 0)
+	{
+		*w++ = '\r';
+		*w++ = '\n';
+	}
+	memcpy(w, ".\r\n", 3);
+	w += 3;
+	*w = '\0';
+	if (outlen != NULL)
+		*outlen = (size_t) (w - out);
+	return out;
+}

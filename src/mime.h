@@ -140,4 +140,12 @@ extern char *mime_build_message(const char *headers, const char *text, const cha
 								const char *token, size_t *outlen,
 								char *errbuf, size_t errlen);
 
+/*
+ * What goes on the wire after DATA's 354 (RFC 5321 4.5.2): the message with
+ * every line that starts with a dot given a second one, then the final
+ * ".\r\n" (after a CRLF of its own when the message does not end in one).
+ * NULL when out of memory.
+ */
+extern char *mime_smtp_data(const char *message, size_t len, size_t *outlen);
+
 #endif							/* NOTIFY_MIME_H */

@@ -1,10 +1,20 @@
 /*-------------------------------------------------------------------------
  *
  * smtp.c
- *	  libcurl SMTP transport: uploads each message, built whole by mime.c
- *	  (text, plus HTML as multipart/alternative, plus files), over a
- *	  connection that is kept open between messages, and classifies the
- *	  outcome.
+ *	  The SMTP transport: sends each message, built whole by mime.c (text,
+ *	  plus HTML as multipart/alternative, plus files), over a connection
+ *	  that is kept open between messages, and classifies the outcome.
+ *
+ * libcurl sets each connection up (connect, greeting, EHLO, STARTTLS with
+ * the channel's checks, AUTH: CURLOPT_CONNECT_ONLY) and carries the bytes
+ * (curl_easy_send/recv, through TLS when there is TLS).  The mail
+ * transaction itself (MAIL FROM, RCPT TO, DATA, the data, the final dot)
+ * is spoken here, with PIPELINING (RFC 2920) when the server offers it:
+ * the three envelope commands go in one write and their replies come back
+ * in one read, and the data in a second write.  libcurl's own SMTP upload
+ * sends each command apart and waits for each reply: 18 system calls per
+ * message against 5 to 7 here, and system calls are most of what sending
+ * costs (test/bench/delivery.py).
  *
  * Header values never reach libcurl unchecked: addresses are validated
  * (libcurl would pass CR/LF in MAIL FROM/RCPT TO straight to the server),
@@ -22,6 +32,7 @@
 #include <unistd.h>
 #include <time.h>
 
+#include "common/hashfn.h"
 #include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "lib/stringinfo.h"
@@ -38,8 +49,30 @@
 #define SMTP_CONNECT_TIMEOUT_MS 10000L
 /* transfers a pool may drive at once (the worker uses one) */
 #define SMTP_POOL_MAX 8
-#define SMTP_POOL_IDLE_CONNECTIONS 4L
+/* open connections a pool keeps while idle: one per channel, for a few channels */
+#define SMTP_POOL_IDLE_CONNECTIONS 4
 #define SMTP_CLIENT_SOCKETS 8
+/* an idle connection older than this is closed rather than reused */
+#define SMTP_IDLE_MAX_MS 60000
+/* an idle connection is checked for a server's goodbye before reuse after this */
+#define SMTP_IDLE_CHECK_MS 200
+
+/* where a pooled connection is */
+typedef enum SessionState
+{
+	SESSION_CLOSED,
+	SESSION_CONNECTING,			/* libcurl sets it up (connect-only transfer) */
+	SESSION_OPEN				/* set up: mail transactions are ours */
+} SessionState;
+
+/* where a pooled transfer is */
+typedef enum TransferPhase
+{
+	PHASE_CONNECT,				/* waiting for the connection's set-up */
+	PHASE_ENVELOPE,				/* MAIL FROM, RCPT TO, DATA sent: their replies */
+	PHASE_DATA,					/* the data and the final dot sent: the last reply */
+	PHASE_RSET					/* the envelope refused: RSET's reply, then done */
+} TransferPhase;
 
 /*
  * One libcurl handle and what one transfer on it needs.  The worker keeps
@@ -81,19 +114,46 @@ struct SmtpClient
 	int			nsockets;
 	TimestampTz last_activity;
 	TimestampTz body_done_at;
+
+	/*
+	 * A pooled client's connection, its own: opened with the settings of
+	 * session_key (scheme, host, port, TLS mode, login, CA file), never used
+	 * for a transfer with other settings.
+	 */
+	CURLM	   *multi;			/* drives the set-up */
+	SessionState state;
+	char		session_key[1024];
+	bool		pipelining;		/* EHLO offered PIPELINING */
+	bool		size_ext;		/* EHLO offered SIZE */
+	bool		tls;			/* bytes may wait in the TLS layer: read before polling */
+	curl_socket_t fd;
+	TimestampTz idle_since;
+	bool		reused;			/* the transfer's connection was open before it */
+
+	/* the transfer's mail transaction */
+	TransferPhase phase;
+	char	   *mail_from;		/* "<...>", in message_cxt */
+	char	   *data;			/* dot-stuffed, with the final dot (message_cxt) */
+	size_t		data_len;
+	char	   *out;			/* what is to be written (message_cxt) */
+	size_t		out_len;
+	size_t		out_pos;
+	char		in[4096];		/* what was read and not yet taken as replies */
+	size_t		in_len;
+	bool		readable;		/* poll said so; a plain socket is read only then */
+	int			step;			/* the envelope reply expected next: MAIL, RCPT, DATA */
+	int			expect;			/* replies expected for what was written */
+	int			replies;		/* replies read in this transfer */
+	int			fail_code;		/* the first refusal of this transaction */
+	char		fail_line[512];
+	const char *fail_what;
+	short		want;			/* POLLIN or POLLOUT: what the transfer waits for */
 };
 
 typedef struct SmtpClient SmtpClient;
 
-/* host:port a pool keeps connections to, with the settings that opened them */
-#define SMTP_POOL_OWNERS 16
-
 struct SmtpPool
 {
-	CURLM	   *multi;
-	int			nowners;
-	char	   *owner_host[SMTP_POOL_OWNERS];	/* "host:port", in TopMemoryContext */
-	char	   *owner_key[SMTP_POOL_OWNERS];	/* the TLS settings its connections were opened with */
 	int			nclients;
 	SmtpClient *clients[SMTP_POOL_MAX];
 	int			active;
@@ -159,6 +219,34 @@ note_reply(SmtpClient *client, const char *data, size_t size)
 }
 
 /*
+ * note_capability: what the (last) EHLO reply offers that the mail
+ * transaction uses.  A greeting, or STARTTLS's 220, comes before an EHLO
+ * whose reply replaces what was known.
+ */
+static void
+note_capability(SmtpClient *client, const char *data, size_t size)
+{
+	if (size >= 3 && strncmp(data, "220", 3) == 0)
+	{
+		client->pipelining = false;
+		client->size_ext = false;
+	}
+	else if (size >= 14 && strncmp(data, "250", 3) == 0 && (data[3] == '-' || data[3] == ' '))
+	{
+		const char *kw = data + 4;
+		size_t		left = size - 4;
+
+		if (left >= 10 && pg_strncasecmp(kw, "PIPELINING", 10) == 0 &&
+			(left == 10 || kw[10] == '\r' || kw[10] == '\n' || kw[10] == ' '))
+			client->pipelining = true;
+	}
+	if (size >= 8 && strncmp(data, "250", 3) == 0 && (data[3] == '-' || data[3] == ' ') &&
+		pg_strncasecmp(data + 4, "SIZE", 4) == 0 &&
+		(size == 8 || data[8] == '\r' || data[8] == '\n' || data[8] == ' '))
+		client->size_ext = true;
+}
+
+/*
  * header_cb: the server's reply lines, as libcurl hands them to a header
  * callback.  The worker's transfers use this, not VERBOSE: libcurl
  * formats its informational messages only for a debug callback (about 14
@@ -174,6 +262,7 @@ header_cb(char *data, size_t size, size_t nitems, void *userp)
 	/* 221 only ever answers QUIT, which is not the reply we log */
 	if (n >= 3 && strncmp(data, "221", 3) == 0)
 		client->quitting = true;
+	note_capability(client, data, n);
 	note_reply(client, data, n);
 	return n;
 }
@@ -308,30 +397,35 @@ prereq_cb(void *clientp, char *conn_primary_ip, char *conn_local_ip, int conn_pr
 	return CURL_PREREQFUNC_OK;
 }
 
-/* client_create: a handle; it connects on its first transfer. */
-static SmtpClient *
-client_create(void)
+/* client_new_handle: a fresh libcurl handle for the client, its sockets known to it. */
+static void
+client_new_handle(SmtpClient *client)
 {
-	SmtpClient *client = MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpClient));
-
 	client->curl = curl_easy_init();
 	if (client->curl == NULL)
-	{
-		pfree(client);
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("notify_ext: could not create a libcurl handle")));
-	}
-	client->message_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP message",
-												ALLOCSET_DEFAULT_SIZES);
-	client->cfg_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP channel",
-											ALLOCSET_SMALL_SIZES);
 	curl_easy_setopt(client->curl, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
 	curl_easy_setopt(client->curl, CURLOPT_OPENSOCKETDATA, client);
 	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
 	curl_easy_setopt(client->curl, CURLOPT_CLOSESOCKETDATA, client);
 	curl_easy_setopt(client->curl, CURLOPT_PREREQFUNCTION, prereq_cb);
 	curl_easy_setopt(client->curl, CURLOPT_PREREQDATA, client);
+}
+
+/* client_create: a client; it connects on its first transfer. */
+static SmtpClient *
+client_create(void)
+{
+	SmtpClient *client = MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpClient));
+
+	client->fd = CURL_SOCKET_BAD;
+	client->message_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP message",
+												ALLOCSET_DEFAULT_SIZES);
+	client->cfg_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP channel",
+											ALLOCSET_SMALL_SIZES);
+	client_new_handle(client);
 	return client;
 }
 
@@ -341,8 +435,12 @@ client_destroy(SmtpClient *client)
 {
 	if (client == NULL)
 		return;
+	if (client->curl && client->multi)
+		curl_multi_remove_handle(client->multi, client->curl);
 	if (client->curl)
 		curl_easy_cleanup(client->curl);
+	if (client->multi)
+		curl_multi_cleanup(client->multi);
 	if (client->owns_cfg && client->cfg.password)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
 	if (client->message_cxt)
@@ -494,12 +592,14 @@ fail_result(SendResult *result, SendOutcome outcome, const char *fmt, const char
 }
 
 /*
- * prepare_transfer: build one message on a client's handle.  Everything
- * that could smuggle a header or a command is checked first; returns
- * false, with *result filled, when the message can never be sent as it is.
+ * build_message: one message for a client to send: its bytes (message,
+ * message_len) and its envelope sender (mail_from), in message_cxt.
+ * Everything that could smuggle a header or a command is checked first;
+ * returns false, with client->result filled, when the message can never be
+ * sent as it is.
  */
 static bool
-prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
+build_message(SmtpClient *client, const OutMessage *msg)
 {
 	SendResult *result = &client->result;
 	char		errbuf[256];
@@ -525,6 +625,7 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	client->last_activity = GetCurrentTimestamp();
 	client->rcpt = NULL;
 	client->message = NULL;
+	client->mail_from = NULL;
 
 	if (!mime_check_address(msg->address, errbuf, sizeof(errbuf)))
 	{
@@ -600,19 +701,33 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 		fail_result(result, SEND_RETRY, "could not build the message: %s", errbuf);
 		return false;
 	}
-	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
 
-	set_common_options(client, pooled);
-	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
 	/*
 	 * The envelope sender names the message (VERP, see bounce.c), so that
 	 * its bounce can be matched whatever a relay does to the headers; the
 	 * From: header above stays the channel's from_address.
 	 */
-	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM,
-					 psprintf("<%s>", bounce_envelope_sender(client->cfg.bounce_address ? client->cfg.bounce_address
-															 : client->cfg.from_address,
-															 msg->id, msg->id_kind != NULL)));
+	client->mail_from = MemoryContextStrdup(client->message_cxt,
+											psprintf("<%s>", bounce_envelope_sender(client->cfg.bounce_address ? client->cfg.bounce_address
+																					: client->cfg.from_address,
+																					msg->id, msg->id_kind != NULL)));
+	return true;
+}
+
+/*
+ * prepare_transfer: test_smtp's message, as a libcurl SMTP upload on the
+ * client's handle; false (result filled) when it cannot be sent as it is.
+ */
+static bool
+prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
+{
+	if (!build_message(client, msg))
+		return false;
+	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
+
+	set_common_options(client, pooled);
+	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
+	curl_easy_setopt(client->curl, CURLOPT_MAIL_FROM, client->mail_from);
 	curl_easy_setopt(client->curl, CURLOPT_MAIL_RCPT, client->rcpt);
 	curl_easy_setopt(client->curl, CURLOPT_UPLOAD, 1L);
 	curl_easy_setopt(client->curl, CURLOPT_READFUNCTION, read_cb);
@@ -633,6 +748,10 @@ release_transfer(SmtpClient *client)
 	client->rcpt = NULL;
 	client->message = NULL;
 	client->message_len = client->message_pos = 0;
+	client->data = NULL;
+	client->mail_from = NULL;
+	client->out = NULL;
+	client->out_len = client->out_pos = 0;
 	MemoryContextReset(client->message_cxt);
 }
 
@@ -747,91 +866,430 @@ smtp_send_blocking(SmtpClient *client, const OutMessage *msg, SendResult *result
 SmtpPool *
 smtp_pool_create(void)
 {
-	SmtpPool   *pool = MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpPool));
-
-	pool->multi = curl_multi_init();
-	if (pool->multi == NULL)
-	{
-		pfree(pool);
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("notify_ext: could not create a libcurl multi handle")));
-	}
-	return pool;
+	return MemoryContextAllocZero(TopMemoryContext, sizeof(SmtpPool));
 }
 
 /*
- * connection_host: "host:port" of an smtp:// or smtps:// URL, the port
- * made explicit (libcurl keeps one bundle of connections per host and port).
+ * session_key: what a connection was opened with and may be reused for:
+ * libcurl's own cache reuses an smtp:// connection for the same host, port
+ * and login without comparing TLS settings, so a 'verify' channel could
+ * have sent over a connection a 'require' channel to the same relay opened
+ * without checking the certificate, or one opened before
+ * notify.tls_ca_file changed.  A pooled connection serves exactly one set
+ * of settings.
  */
-static char *
-connection_host(const char *url)
+static void
+session_key(const SmtpConfig *cfg, char *buf, size_t size)
 {
-	const char *p = strstr(url, "://");
-	bool		smtps = pg_strncasecmp(url, "smtps", 5) == 0;
-	size_t		len;
-	char	   *host;
+	uint32		pw = cfg->password ? hash_bytes((const unsigned char *) cfg->password, strlen(cfg->password)) : 0;
 
-	p = p ? p + 3 : url;
-	len = strcspn(p, "/?#");
-	host = pnstrdup(p, len);
-	for (char *c = host; *c; c++)
-		*c = pg_tolower((unsigned char) *c);
-	/* no port ("host", "[::1]"): the scheme's */
-	if (strrchr(host, ':') == NULL || (host[0] == '[' && host[len - 1] == ']'))
-		host = psprintf("%s:%d", host, smtps ? 465 : 25);
-	return host;
+	snprintf(buf, size, "%s\n%s\n%s\n%08x\n%s", cfg->url, cfg->tls ? cfg->tls : "",
+			 cfg->username ? cfg->username : "", pw,
+			 (notify_tls_ca_file && notify_tls_ca_file[0]) ? notify_tls_ca_file : "");
+}
+
+/* shutdown_connection: the client's connections, shut down (their state is unknown). */
+static void
+shutdown_connection(SmtpClient *client)
+{
+	for (int i = 0; i < client->nsockets; i++)
+		shutdown(client->sockets[i], SHUT_RDWR);
 }
 
 /*
- * pool_may_reuse: may this transfer use (and leave) a connection the pool
- * keeps?  libcurl reuses a cached connection to the same host and port with
- * the same login, but for smtp:// with STARTTLS it does not compare the TLS
- * settings: a channel with tls 'verify' could send over a connection another
- * channel to the same relay opened with 'require' (no certificate check), or
- * one opened before notify.tls_ca_file changed.  So each host:port belongs to
- * the settings that first used it: a transfer with other settings gets a
- * connection of its own, closed after it; or, when nothing is in flight,
- * the pool's cached connections are closed and the host:port is its.
+ * session_close: close a client's connection.  An idle one in good order
+ * says QUIT first (not waiting for the reply); any other is shut down,
+ * its state unknown.  The client gets a fresh handle for its next one.
+ */
+static void
+session_close(SmtpClient *client, bool polite)
+{
+	if (client->state == SESSION_CLOSED)
+		return;
+	if (polite && client->state == SESSION_OPEN)
+	{
+		size_t		n = 0;
+
+		(void) curl_easy_send(client->curl, "QUIT\r\n", 6, &n);
+	}
+	shutdown_connection(client);
+	if (client->multi)
+	{
+		curl_multi_remove_handle(client->multi, client->curl);
+		curl_multi_cleanup(client->multi);
+		client->multi = NULL;
+	}
+	curl_easy_cleanup(client->curl);
+	client->curl = NULL;
+	client->state = SESSION_CLOSED;
+	client->fd = CURL_SOCKET_BAD;
+	client->session_key[0] = '\0';
+	client_new_handle(client);
+}
+
+/* session_connect: have libcurl set a connection up for the client's channel. */
+static bool
+session_connect(SmtpClient *client)
+{
+	CURLMcode	mc;
+
+	client->multi = curl_multi_init();
+	if (client->multi == NULL)
+	{
+		fail_result(&client->result, SEND_RETRY, "libcurl: %s", "could not create a multi handle");
+		return false;
+	}
+	set_common_options(client, true);
+	curl_easy_setopt(client->curl, CURLOPT_ERRORBUFFER, client->curl_err);
+	curl_easy_setopt(client->curl, CURLOPT_CONNECT_ONLY, 1L);
+	client->pipelining = client->size_ext = false;
+	session_key(&client->cfg, client->session_key, sizeof(client->session_key));
+	mc = curl_multi_add_handle(client->multi, client->curl);
+	if (mc != CURLM_OK)
+	{
+		fail_result(&client->result, SEND_RETRY, "libcurl: %s", curl_multi_strerror(mc));
+		curl_multi_cleanup(client->multi);
+		client->multi = NULL;
+		return false;
+	}
+	client->state = SESSION_CONNECTING;
+	client->phase = PHASE_CONNECT;
+	client->reused = false;
+	/* what the set-up's replies say is the channel's, not the message's */
+	client->envelope_phase = false;
+	client->last_code = 0;
+	client->last_reply[0] = '\0';
+	client->last_activity = GetCurrentTimestamp();
+	return true;
+}
+
+/* queue_output: what the transfer writes next (appended to what is unwritten). */
+static void
+queue_output(SmtpClient *client, const char *data, size_t len, int replies)
+{
+	if (client->out_pos == client->out_len)
+	{
+		client->out = (char *) data;
+		client->out_len = len;
+		client->out_pos = 0;
+	}
+	else
+	{
+		size_t		left = client->out_len - client->out_pos;
+		char	   *buf = MemoryContextAlloc(client->message_cxt, left + len);
+
+		memcpy(buf, client->out + client->out_pos, left);
+		memcpy(buf + left, data, len);
+		client->out = buf;
+		client->out_len = left + len;
+		client->out_pos = 0;
+	}
+	client->expect += replies;
+}
+
+/* envelope_command: MAIL FROM, RCPT TO or DATA of the client's message. */
+static char *
+envelope_command(SmtpClient *client, int step)
+{
+	MemoryContext old = MemoryContextSwitchTo(client->message_cxt);
+	char	   *cmd;
+
+	if (step == 0)
+		cmd = client->size_ext ? psprintf("MAIL FROM:%s SIZE=%zu\r\n", client->mail_from, client->data_len)
+			: psprintf("MAIL FROM:%s\r\n", client->mail_from);
+	else if (step == 1)
+		cmd = psprintf("RCPT TO:%s\r\n", client->rcpt->data);
+	else
+		cmd = pstrdup("DATA\r\n");
+	MemoryContextSwitchTo(old);
+	return cmd;
+}
+
+/*
+ * session_begin: the connection is set up: start the mail transaction.
+ * With PIPELINING the three envelope commands go at once (RFC 2920: DATA
+ * ends the group); without it, one at a time.
+ */
+static void
+session_begin(SmtpClient *client)
+{
+	client->phase = PHASE_ENVELOPE;
+	client->envelope_phase = true;
+	client->step = 0;
+	client->expect = 0;
+	client->replies = 0;
+	client->fail_code = 0;
+	client->fail_line[0] = '\0';
+	client->fail_what = NULL;
+	client->out = NULL;
+	client->out_len = client->out_pos = 0;
+	client->in_len = 0;
+	client->last_code = 0;
+	client->last_reply[0] = '\0';
+	client->body_done = false;
+	client->reply_after_body = false;
+	client->last_activity = GetCurrentTimestamp();
+	if (client->pipelining)
+	{
+		char	   *all = psprintf("%s%s%s", envelope_command(client, 0), envelope_command(client, 1),
+								   envelope_command(client, 2));
+
+		queue_output(client, all, strlen(all), 3);
+	}
+	else
+	{
+		char	   *cmd = envelope_command(client, 0);
+
+		queue_output(client, cmd, strlen(cmd), 1);
+	}
+}
+
+/*
+ * session_reply: one complete reply (its last line, CRLF stripped).
+ * Returns false when the transfer is over: client->done_res and done_why
+ * then say how, and done_keep whether the connection stays usable.
+ */
+typedef struct TransferEnd
+{
+	bool		over;
+	CURLcode	res;
+	const char *why;
+	bool		keep;			/* the connection is in good order */
+} TransferEnd;
+
+static void
+end_transfer(TransferEnd *end, CURLcode res, const char *why, bool keep)
+{
+	end->over = true;
+	end->res = res;
+	end->why = why;
+	end->keep = keep;
+}
+
+static void
+session_reply(SmtpClient *client, int code, const char *line, TransferEnd *end)
+{
+	static const char *const what[3] = {"MAIL FROM", "RCPT TO", "DATA"};
+
+	client->expect--;
+	client->replies++;
+	if (client->phase != PHASE_RSET)
+		note_reply(client, line, strlen(line));
+	if (code == 421)
+	{
+		/* the server closes the connection: the channel's trouble, whatever the step */
+		end_transfer(end, CURLE_WEIRD_SERVER_REPLY, "the server is closing the connection", false);
+		return;
+	}
+	switch (client->phase)
+	{
+		case PHASE_ENVELOPE:
+			{
+				int			step = client->step++;
+				bool		ok = step < 2 ? (code >= 200 && code < 300) : code == 354;
+
+				if (!ok && client->fail_code == 0)
+				{
+					client->fail_code = code;
+					strlcpy(client->fail_line, line, sizeof(client->fail_line));
+					client->fail_what = what[step];
+				}
+				if (!client->pipelining && ok && step < 2)
+				{
+					char	   *cmd = envelope_command(client, step + 1);
+
+					queue_output(client, cmd, strlen(cmd), 1);
+					return;
+				}
+				if (client->expect > 0)
+					return;		/* the rest of the pipelined group's replies */
+				if (client->fail_code == 0)
+				{
+					/* 354: the data, dot-stuffed, and the final dot */
+					client->phase = PHASE_DATA;
+					queue_output(client, client->data, client->data_len, 1);
+					return;
+				}
+				if (code == 354)
+				{
+					/* DATA taken after a refusal (RFC 2920 says it must not be): give up the connection */
+					end_transfer(end, CURLE_SEND_ERROR, psprintf("the server refused %s", client->fail_what), false);
+					return;
+				}
+				/* refused: the transaction is reset, the connection kept */
+				client->phase = PHASE_RSET;
+				queue_output(client, "RSET\r\n", 6, 1);
+				return;
+			}
+		case PHASE_DATA:
+			if (code >= 200 && code < 300)
+				end_transfer(end, CURLE_OK, NULL, true);
+			else
+			{
+				client->fail_code = code;
+				strlcpy(client->fail_line, line, sizeof(client->fail_line));
+				client->fail_what = "the message";
+				end_transfer(end, CURLE_SEND_ERROR, "the server refused the message after its data", true);
+			}
+			return;
+		case PHASE_RSET:
+			end_transfer(end, CURLE_SEND_ERROR, psprintf("the server refused %s", client->fail_what),
+						 code >= 200 && code < 300);
+			return;
+		case PHASE_CONNECT:
+			break;
+	}
+	end_transfer(end, CURLE_WEIRD_SERVER_REPLY, "a reply nobody asked for", false);
+}
+
+/*
+ * take_replies: the complete replies in the input buffer, one by one, until
+ * the transfer ends or writes again.  A reply is complete at its last line
+ * ("250 ..." after any "250-..." lines).
+ */
+static void
+take_replies(SmtpClient *client, TransferEnd *end)
+{
+	for (;;)
+	{
+		char	   *nl;
+		size_t		len;
+		char		line[512];
+		int			code;
+
+		if (client->expect <= 0 || client->out_pos < client->out_len)
+			return;
+		nl = memchr(client->in, '\n', client->in_len);
+		if (nl == NULL)
+		{
+			if (client->in_len == sizeof(client->in))
+				end_transfer(end, CURLE_WEIRD_SERVER_REPLY, "a reply line longer than 4 kB", false);
+			return;
+		}
+		len = nl - client->in + 1;
+		strlcpy(line, client->in, Min(len, sizeof(line)));
+		for (size_t n = strlen(line); n > 0 && (line[n - 1] == '\r' || line[n - 1] == '\n');)
+			line[--n] = '\0';
+		memmove(client->in, client->in + len, client->in_len - len);
+		client->in_len -= len;
+		if (strlen(line) < 3 || !isdigit((unsigned char) line[0]) || !isdigit((unsigned char) line[1]) ||
+			!isdigit((unsigned char) line[2]))
+		{
+			end_transfer(end, CURLE_WEIRD_SERVER_REPLY, "the server's reply is not SMTP", false);
+			return;
+		}
+		if (line[3] == '-')
+			continue;			/* a multi-line reply goes on */
+		code = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');
+		session_reply(client, code, line, end);
+		if (end->over)
+			return;
+	}
+}
+
+/*
+ * session_io: write what is to be written, read what has come, take the
+ * complete replies; until the transfer would wait (client->want says for
+ * what) or is over.
+ */
+static void
+session_io(SmtpClient *client, TransferEnd *end)
+{
+	for (;;)
+	{
+		CURLcode	rc;
+		size_t		n = 0;
+
+		while (client->out_pos < client->out_len)
+		{
+			rc = curl_easy_send(client->curl, client->out + client->out_pos,
+								client->out_len - client->out_pos, &n);
+			if (rc == CURLE_AGAIN)
+			{
+				client->want = POLLOUT;
+				return;
+			}
+			if (rc != CURLE_OK)
+			{
+				end_transfer(end, rc, psprintf("could not write to the server: %s", curl_easy_strerror(rc)), false);
+				return;
+			}
+			client->out_pos += n;
+			client->last_activity = GetCurrentTimestamp();
+			/* what was read before this write is not the answer to it */
+			client->readable = false;
+		}
+		take_replies(client, end);
+		if (end->over)
+			return;
+		if (client->out_pos < client->out_len)
+			continue;
+		if (client->expect <= 0)
+		{
+			end_transfer(end, CURLE_WEIRD_SERVER_REPLY, "the transfer stalled", false);
+			return;
+		}
+		/* a plain socket is read when poll says so; TLS may hold decrypted bytes already */
+		if (!client->tls && !client->readable)
+		{
+			client->want = POLLIN;
+			return;
+		}
+		rc = curl_easy_recv(client->curl, client->in + client->in_len, sizeof(client->in) - client->in_len, &n);
+		if (rc == CURLE_AGAIN)
+		{
+			client->readable = false;
+			client->want = POLLIN;
+			return;
+		}
+		if (rc != CURLE_OK || n == 0)
+		{
+			end_transfer(end, rc != CURLE_OK ? rc : CURLE_RECV_ERROR,
+						 rc != CURLE_OK ? psprintf("could not read from the server: %s", curl_easy_strerror(rc))
+						 : "the server closed the connection", false);
+			return;
+		}
+		client->in_len += n;
+		client->last_activity = GetCurrentTimestamp();
+		if (client->in_len < sizeof(client->in))
+			client->readable = false;	/* a short read took what there was */
+	}
+}
+
+/* session_opened: libcurl has set the connection up; note how it reads. */
+static void
+session_opened(SmtpClient *client)
+{
+	struct curl_tlssessioninfo *info = NULL;
+
+	client->state = SESSION_OPEN;
+	if (curl_easy_getinfo(client->curl, CURLINFO_ACTIVESOCKET, &client->fd) != CURLE_OK)
+		client->fd = CURL_SOCKET_BAD;
+	client->tls = !(curl_easy_getinfo(client->curl, CURLINFO_TLS_SSL_PTR, &info) == CURLE_OK &&
+					info != NULL && (info->backend == CURLSSLBACKEND_NONE || info->internals == NULL));
+	client->readable = false;
+}
+
+/*
+ * session_alive: may an idle connection be used?  After a while idle, one
+ * the server has closed, or said goodbye on (a 421 for its idle timeout),
+ * is readable: it is closed instead.
  */
 static bool
-pool_may_reuse(SmtpPool *pool, const SmtpConfig *cfg)
+session_alive(SmtpClient *client, TimestampTz now)
 {
-	char	   *host = connection_host(cfg->url);
-	char	   *key = psprintf("%s\n%s\n%s\n%s", pg_strncasecmp(cfg->url, "smtps", 5) == 0 ? "smtps" : "smtp",
-							   cfg->tls ? cfg->tls : "", cfg->username ? cfg->username : "",
-							   (notify_tls_ca_file && notify_tls_ca_file[0]) ? notify_tls_ca_file : "");
-	int			i;
+	struct pollfd pfd;
 
-	for (i = 0; i < pool->nowners; i++)
-		if (strcmp(pool->owner_host[i], host) == 0)
-			break;
-	if (i < pool->nowners && strcmp(pool->owner_key[i], key) == 0)
-		return true;
-	if (i < pool->nowners)
-	{
-		if (pool->active > 0)
-			return false;
-		/* nothing in flight: close what is cached, and start afresh */
-		curl_multi_cleanup(pool->multi);
-		pool->multi = curl_multi_init();
-		if (pool->multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("notify_ext: could not create a libcurl multi handle")));
-		for (int j = 0; j < pool->nowners; j++)
-		{
-			pfree(pool->owner_host[j]);
-			pfree(pool->owner_key[j]);
-		}
-		pool->nowners = 0;
-	}
-	if (pool->nowners == SMTP_POOL_OWNERS)
+	if (client->state != SESSION_OPEN || client->fd == CURL_SOCKET_BAD)
 		return false;
-	pool->owner_host[pool->nowners] = MemoryContextStrdup(TopMemoryContext, host);
-	pool->owner_key[pool->nowners] = MemoryContextStrdup(TopMemoryContext, key);
-	pool->nowners++;
-	return true;
+	if (TimestampDifferenceExceeds(client->idle_since, now, SMTP_IDLE_MAX_MS))
+		return false;
+	if (!TimestampDifferenceExceeds(client->idle_since, now, SMTP_IDLE_CHECK_MS))
+		return true;
+	pfd.fd = client->fd;
+	pfd.events = POLLIN;
+	pfd.revents = 0;
+	return poll(&pfd, 1, 0) == 0;
 }
 
 /* smtp_pool_destroy: abandon transfers, close every connection. */
@@ -841,14 +1299,10 @@ smtp_pool_destroy(SmtpPool *pool)
 	if (pool == NULL)
 		return;
 	smtp_pool_abandon(pool);
-	/* first: closing the cached connections calls back into their clients */
-	curl_multi_cleanup(pool->multi);
 	for (int i = 0; i < pool->nclients; i++)
-		client_destroy(pool->clients[i]);
-	for (int i = 0; i < pool->nowners; i++)
 	{
-		pfree(pool->owner_host[i]);
-		pfree(pool->owner_key[i]);
+		session_close(pool->clients[i], true);
+		client_destroy(pool->clients[i]);
 	}
 	pfree(pool);
 }
@@ -877,6 +1331,65 @@ copy_config(SmtpConfig *dst, const SmtpConfig *src, MemoryContext cxt)
 }
 
 /*
+ * pool_client: the idle client for a transfer with these settings: one
+ * whose connection was opened with them, or one to connect.  Idle
+ * connections beyond SMTP_POOL_IDLE_CONNECTIONS, the oldest first, and
+ * those too old to reuse are closed.
+ */
+static SmtpClient *
+pool_client(SmtpPool *pool, const SmtpConfig *cfg)
+{
+	char		key[sizeof(((SmtpClient *) NULL)->session_key)];
+	SmtpClient *closed = NULL;
+	SmtpClient *oldest = NULL;
+	int			open = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	session_key(cfg, key, sizeof(key));
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *c = pool->clients[i];
+
+		if (c->busy)
+			continue;
+		if (c->state == SESSION_OPEN && strcmp(c->session_key, key) == 0)
+		{
+			if (session_alive(c, now))
+				return c;
+			session_close(c, false);
+		}
+		if (c->state == SESSION_OPEN &&
+			TimestampDifferenceExceeds(c->idle_since, now, SMTP_IDLE_MAX_MS))
+			session_close(c, true);
+		if (c->state == SESSION_CLOSED)
+		{
+			if (closed == NULL)
+				closed = c;
+			continue;
+		}
+		open++;
+		if (oldest == NULL || c->idle_since < oldest->idle_since)
+			oldest = c;
+	}
+	if (closed != NULL && open < SMTP_POOL_IDLE_CONNECTIONS)
+		return closed;
+	if (closed == NULL && pool->nclients < SMTP_POOL_MAX && open < SMTP_POOL_IDLE_CONNECTIONS)
+	{
+		closed = client_create();
+		pool->clients[pool->nclients++] = closed;
+		return closed;
+	}
+	if (oldest == NULL)
+	{
+		if (closed != NULL)
+			return closed;
+		elog(ERROR, "notify_ext: more than %d transfers in flight", SMTP_POOL_MAX);
+	}
+	session_close(oldest, true);
+	return oldest;
+}
+
+/*
  * smtp_pool_start: put a message in flight, known to the caller as `tag`.
  * Nothing of cfg or msg is kept: they are copied.  Returns false when the
  * message failed before any network exchange (*result filled).
@@ -885,23 +1398,10 @@ bool
 smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 				SendResult *result, int64 tag)
 {
-	SmtpClient *client = NULL;
-	CURLMcode	mc;
-	bool		reuse;
+	SmtpClient *client = pool_client(pool, cfg);
+	char	   *data;
+	MemoryContext old;
 
-	for (int i = 0; i < pool->nclients; i++)
-		if (!pool->clients[i]->busy)
-		{
-			client = pool->clients[i];
-			break;
-		}
-	if (client == NULL)
-	{
-		if (pool->nclients >= SMTP_POOL_MAX)
-			elog(ERROR, "notify_ext: more than %d transfers in flight", SMTP_POOL_MAX);
-		client = client_create();
-		pool->clients[pool->nclients++] = client;
-	}
 	/* the channel's settings, copied for this transfer (the last copy's secret wiped) */
 	if (client->cfg.password)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
@@ -909,22 +1409,33 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 	copy_config(&client->cfg, cfg, client->cfg_cxt);
 	client->owns_cfg = false;
 	client->tag = tag;
-	if (!prepare_transfer(client, msg, true))
+	if (!build_message(client, msg))
 	{
 		*result = client->result;
 		return false;
 	}
-	/* a connection opened with other TLS settings is never this transfer's (see pool_may_reuse) */
-	reuse = pool_may_reuse(pool, &client->cfg);
-	curl_easy_setopt(client->curl, CURLOPT_FRESH_CONNECT, reuse ? 0L : 1L);
-	curl_easy_setopt(client->curl, CURLOPT_FORBID_REUSE, reuse ? 0L : 1L);
-	/* idle connections kept open: one per channel, for a few channels */
-	curl_multi_setopt(pool->multi, CURLMOPT_MAXCONNECTS, (long) SMTP_POOL_IDLE_CONNECTIONS);
-	mc = curl_multi_add_handle(pool->multi, client->curl);
-	if (mc != CURLM_OK)
+	/* the data as it goes on the wire, and the recipient, in the transfer's own memory */
+	old = MemoryContextSwitchTo(client->message_cxt);
+	data = mime_smtp_data(client->message, client->message_len, &client->data_len);
+	client->rcpt = curl_slist_append(NULL, psprintf("<%s>", msg->address));
+	MemoryContextSwitchTo(old);
+	if (data == NULL || client->rcpt == NULL)
 	{
 		release_transfer(client);
-		fail_result(&client->result, SEND_RETRY, "libcurl: %s", curl_multi_strerror(mc));
+		fail_result(&client->result, SEND_RETRY, "could not build the message: %s", "out of memory");
+		*result = client->result;
+		return false;
+	}
+	client->data = data;
+	client->curl_err[0] = '\0';
+	if (client->state == SESSION_OPEN)
+	{
+		client->reused = true;
+		session_begin(client);
+	}
+	else if (!session_connect(client))
+	{
+		release_transfer(client);
 		*result = client->result;
 		return false;
 	}
@@ -934,32 +1445,93 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 }
 
 /*
- * pool_complete: a transfer is over; queue it for smtp_pool_next_done.
- *
- * A failed transfer's connection is shut down here, while it is still
- * the handle's: libcurl keeps a connection whose reply to the final dot
- * timed out ("left intact"), and the late reply would then answer the
- * next message's MAIL FROM.  A connection in an unknown state is never
- * reused; libcurl sees it dead and opens a new one.
+ * pool_complete: a transfer is over; classify it and queue it for
+ * smtp_pool_next_done.  A connection not in good order (a failure of the
+ * connection, a silence, a reply out of step) is closed: a late reply must
+ * never answer the next message's MAIL FROM.
  */
-/* shutdown_connection: the client's connections, shut down (their state is unknown). */
 static void
-shutdown_connection(SmtpClient *client)
+pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why, bool keep)
 {
-	for (int i = 0; i < client->nsockets; i++)
-		shutdown(client->sockets[i], SHUT_RDWR);
-}
-
-static void
-pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why)
-{
-	if (res != CURLE_OK)
-		shutdown_connection(client);
-	curl_multi_remove_handle(pool->multi, client->curl);
+	if (res == CURLE_OK || keep)
+		client->idle_since = GetCurrentTimestamp();
+	if (client->fail_code != 0)
+	{
+		/* the refusal is the reply to classify and to log, not RSET's */
+		client->last_code = client->fail_code;
+		strlcpy(client->last_reply, client->fail_line, sizeof(client->last_reply));
+	}
 	finish_transfer(client, res, why);
+	if (!(res == CURLE_OK || keep) || client->state != SESSION_OPEN)
+		session_close(client, false);
 	client->busy = false;
 	pool->active--;
 	pool->done[pool->ndone++] = client;
+}
+
+/*
+ * pool_step: move one transfer on as far as it goes without waiting; true
+ * when it is over (queued for smtp_pool_next_done).
+ */
+static bool
+pool_step(SmtpPool *pool, SmtpClient *client)
+{
+	TransferEnd end = {false, CURLE_OK, NULL, false};
+
+	if (ProcDiePending || QueryCancelPending)
+	{
+		/* the worker stops: no word on the message or the channel */
+		pool_complete(pool, client, CURLE_ABORTED_BY_CALLBACK, NULL, false);
+		return true;
+	}
+	if (client->phase == PHASE_CONNECT)
+	{
+		int			running;
+		int			left;
+		CURLMsg    *msg;
+		CURLcode	res = CURLE_OK;
+		bool		done = false;
+
+		curl_multi_perform(client->multi, &running);
+		while ((msg = curl_multi_info_read(client->multi, &left)) != NULL)
+			if (msg->msg == CURLMSG_DONE)
+			{
+				done = true;
+				res = msg->data.result;
+			}
+		if (!done)
+			return false;
+		if (res != CURLE_OK)
+		{
+			pool_complete(pool, client, res, NULL, false);
+			return true;
+		}
+		session_opened(client);
+		session_begin(client);
+	}
+	session_io(client, &end);
+	if (!end.over)
+		return false;
+
+	/*
+	 * A connection kept from an earlier message that turns out closed
+	 * before answering anything (the server's idle timeout crossed our
+	 * reuse): this transfer tries once more on a new one.
+	 */
+	if (end.res != CURLE_OK && !end.keep && client->reused && client->replies == 0 &&
+		client->phase == PHASE_ENVELOPE)
+	{
+		char	   *mail_from = client->mail_from;
+
+		session_close(client, false);
+		client->mail_from = mail_from;
+		if (session_connect(client))
+			return pool_step(pool, client);
+		pool_complete(pool, client, CURLE_COULDNT_CONNECT, client->result.error, false);
+		return true;
+	}
+	pool_complete(pool, client, end.res, end.why, end.keep);
+	return true;
 }
 
 /*
@@ -994,7 +1566,7 @@ pool_check_deadlines(SmtpPool *pool)
 			snprintf(why, sizeof(why), "the server was silent for notify.smtp_timeout (%d s)",
 					 notify_smtp_timeout);
 		}
-		pool_complete(pool, client, CURLE_OPERATION_TIMEDOUT, why);
+		pool_complete(pool, client, CURLE_OPERATION_TIMEDOUT, why, false);
 	}
 }
 
@@ -1002,8 +1574,7 @@ pool_check_deadlines(SmtpPool *pool)
  * smtp_pool_abandon: give up every transfer in flight, and forget the
  * finished ones not yet collected: the worker's round failed, its claims
  * go back to the queue, and nothing of this pool may refer to them again.
- * The connections are shut down (their state is unknown); libcurl opens
- * new ones for the next messages.
+ * The connections are shut down (their state is unknown).
  */
 void
 smtp_pool_abandon(SmtpPool *pool)
@@ -1016,13 +1587,66 @@ smtp_pool_abandon(SmtpPool *pool)
 
 		if (!client->busy)
 			continue;
-		shutdown_connection(client);
-		curl_multi_remove_handle(pool->multi, client->curl);
+		session_close(client, false);
 		release_transfer(client);
 		client->busy = false;
 	}
 	pool->active = 0;
 	pool->ndone = 0;
+}
+
+/*
+ * pool_wait: wait, at most timeout_ms, for what the transfers wait for:
+ * a connection being set up (libcurl's), or a socket of ours.  Waits are
+ * short: a SIGTERM interrupts poll, and the next step sees it.
+ */
+static void
+pool_wait(SmtpPool *pool, long timeout_ms)
+{
+	struct pollfd fds[SMTP_POOL_MAX];
+	struct curl_waitfd extra[SMTP_POOL_MAX];
+	int			n = 0;
+	SmtpClient *connecting = NULL;
+
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *c = pool->clients[i];
+
+		if (!c->busy)
+			continue;
+		if (c->phase == PHASE_CONNECT)
+		{
+			if (connecting == NULL)
+				connecting = c;
+			continue;
+		}
+		fds[n].fd = c->fd;
+		fds[n].events = c->want;
+		fds[n].revents = 0;
+		extra[n].fd = c->fd;
+		extra[n].events = c->want == POLLOUT ? CURL_WAIT_POLLOUT : CURL_WAIT_POLLIN;
+		extra[n].revents = 0;
+		n++;
+	}
+	if (connecting != NULL)
+	{
+		/* another transfer also connecting gets its turn at the next step */
+		curl_multi_poll(connecting->multi, extra, n, (int) timeout_ms, NULL);
+		for (int i = 0, k = 0; i < pool->nclients; i++)
+			if (pool->clients[i]->busy && pool->clients[i]->phase != PHASE_CONNECT)
+				pool->clients[i]->readable = (extra[k++].revents & CURL_WAIT_POLLIN) != 0 || pool->clients[i]->readable;
+		return;
+	}
+	if (n == 0)
+		return;
+	if (poll(fds, n, (int) timeout_ms) > 0)
+		for (int i = 0, k = 0; i < pool->nclients; i++)
+			if (pool->clients[i]->busy)
+			{
+				if (fds[k].revents & (POLLIN | POLLHUP | POLLERR))
+					pool->clients[i]->readable = true;
+				k++;
+			}
 }
 
 /*
@@ -1037,9 +1661,6 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *res
 
 	for (;;)
 	{
-		int			running;
-		int			left;
-		CURLMsg    *msg;
 		long		elapsed;
 
 		if (pool->ndone > 0)
@@ -1053,18 +1674,9 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *res
 		if (pool->active == 0)
 			return false;
 
-		curl_multi_perform(pool->multi, &running);
-		while ((msg = curl_multi_info_read(pool->multi, &left)) != NULL)
-		{
-			if (msg->msg != CURLMSG_DONE)
-				continue;
-			for (int i = 0; i < pool->nclients; i++)
-				if (pool->clients[i]->busy && pool->clients[i]->curl == msg->easy_handle)
-				{
-					pool_complete(pool, pool->clients[i], msg->data.result, NULL);
-					break;
-				}
-		}
+		for (int i = 0; i < pool->nclients; i++)
+			if (pool->clients[i]->busy)
+				(void) pool_step(pool, pool->clients[i]);
 		pool_check_deadlines(pool);
 		if (pool->ndone > 0)
 			continue;
@@ -1072,8 +1684,7 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *res
 		elapsed = (long) ((GetCurrentTimestamp() - start) / 1000);
 		if (elapsed >= timeout_ms)
 			return false;
-		/* short waits: a SIGTERM is noticed by progress_cb at the next perform */
-		curl_multi_poll(pool->multi, NULL, 0, (int) Min(timeout_ms - elapsed, 100L), NULL);
+		pool_wait(pool, Min(timeout_ms - elapsed, 100L));
 	}
 }
 

@@ -1029,6 +1029,29 @@ test_base64_lines(void)
 	mime_free(r);
 }
 
+static void
+test_smtp_data(void)
+{
+	size_t		n;
+	char	   *r;
+
+	r = mime_smtp_data("a\r\n.b\r\n..\r\n.\r\nc.\r\n", 18, &n);
+	CHECK(r && strcmp(r, "a\r\n..b\r\n...\r\n..\r\nc.\r\n.\r\n") == 0 && n == strlen(r),
+		  "dot-stuffing: %s", show(r));
+	mime_free(r);
+	r = mime_smtp_data(".first\r\nlast", 12, &n);
+	CHECK(r && strcmp(r, "..first\r\nlast\r\n.\r\n") == 0 && n == strlen(r),
+		  "a first line's dot, no final CRLF: %s", show(r));
+	mime_free(r);
+	r = mime_smtp_data("", 0, &n);
+	CHECK(r && strcmp(r, ".\r\n") == 0 && n == 3, "empty: %s", show(r));
+	mime_free(r);
+	r = mime_smtp_data("x\r\n\r\n.\r\nMAIL FROM:<e@vil>\r\n", 27, &n);
+	CHECK(r && strstr(r, "\r\n.\r\nMAIL") == NULL && strstr(r, "\r\n..\r\nMAIL") != NULL,
+		  "a lone dot cannot end the data early: %s", show(r));
+	mime_free(r);
+}
+
 /* count - occurrences of needle in haystack */
 static int
 count(const char *haystack, const char *needle)
@@ -1115,6 +1138,7 @@ main(void)
 	test_allocator();
 	test_quoted_printable();
 	test_base64_lines();
+	test_smtp_data();
 	test_build_message();
 
 	printf("%d passed, %d failed\n", n_passed, n_failed);
