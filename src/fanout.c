@@ -245,23 +245,52 @@ prepare_plans(void)
 	 * Always the generic plan: left to choose, the plan cache finds custom
 	 * plans cheaper and plans this INSERT again at every execution.
 	 */
-	insert_message_plan = SPI_prepare_cursor(
-									"INSERT INTO notify.message (event_id, event_type, rule_id, rule_name, "
-									"recipient_key, address, display_name, channel, status, subject, "
-									"text_body, html_body, last_error, next_attempt_at) "
-									"SELECT m.*,"
-			/* a digest entry waits for the end of its period */
-									"       CASE WHEN m.status = 'digest' THEN COALESCE(notify.next_run("
-									"            (SELECT r.digest_schedule FROM notify.rule r WHERE r.id = m.rule_id),"
-									"            pg_catalog.now()), pg_catalog.now()) ELSE pg_catalog.now() END"
-									"  FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
-									"       pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
-									"       pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
-									"       pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
-									"       pg_catalog.unnest($13))"
-									"    AS m(event_id, event_type, rule_id, rule_name, recipient_key, address,"
-									"         display_name, channel, status, subject, text_body, html_body, last_error)",
-									MSG_NARGS, msg_array_t, CURSOR_OPT_GENERIC_PLAN);
+	{
+		Oid			insert_t[MSG_NARGS + 3];
+
+		for (int i = 0; i < MSG_NARGS; i++)
+			insert_t[i] = msg_array_t[i];
+		insert_t[MSG_NARGS] = INT4OID;	/* $14: how many of the first rows this worker sends itself */
+		insert_t[MSG_NARGS + 1] = INT4OID;	/* $15: notify.lease */
+		insert_t[MSG_NARGS + 2] = INT4OID;	/* $16: this worker's number */
+
+		/*
+		 * Direct send: of the first $14 rows, those queued go in already
+		 * claimed by this worker ('sending', under a lease, their first
+		 * attempt counted), as a claim would leave them, and the worker
+		 * sends them after this transaction commits (sender.c).  Each
+		 * saves the claim: an UPDATE of a row that carries its body, and
+		 * its index entries.  RETURNING gives each row's id in the order
+		 * of the rows, and for those claimed whether they have files.
+		 */
+		insert_message_plan = SPI_prepare_cursor(
+										"INSERT INTO notify.message AS n (event_id, event_type, rule_id, rule_name, "
+										"recipient_key, address, display_name, channel, status, subject, "
+										"text_body, html_body, last_error, next_attempt_at, attempts, lease_until, claimed_by) "
+										"SELECT m.event_id, m.event_type, m.rule_id, m.rule_name, m.recipient_key, m.address,"
+										"       m.display_name, m.channel,"
+										"       CASE WHEN m.status = 'queued' AND m.ord <= $14 THEN 'sending' ELSE m.status END,"
+										"       m.subject, m.text_body, m.html_body, m.last_error,"
+				/* a digest entry waits for the end of its period */
+										"       CASE WHEN m.status = 'digest' THEN COALESCE(notify.next_run("
+										"            (SELECT r.digest_schedule FROM notify.rule r WHERE r.id = m.rule_id),"
+										"            pg_catalog.now()), pg_catalog.now()) ELSE pg_catalog.now() END,"
+										"       CASE WHEN m.status = 'queued' AND m.ord <= $14 THEN 1 ELSE 0 END,"
+										"       CASE WHEN m.status = 'queued' AND m.ord <= $14"
+										"            THEN pg_catalog.now() + pg_catalog.make_interval(secs => $15) END,"
+										"       CASE WHEN m.status = 'queued' AND m.ord <= $14 THEN $16 END"
+										"  FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3),"
+										"       pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6),"
+										"       pg_catalog.unnest($7), pg_catalog.unnest($8), pg_catalog.unnest($9),"
+										"       pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),"
+										"       pg_catalog.unnest($13)) WITH ORDINALITY"
+										"    AS m(event_id, event_type, rule_id, rule_name, recipient_key, address,"
+										"         display_name, channel, status, subject, text_body, html_body, last_error, ord)"
+										" RETURNING n.id, n.status,"
+										"   CASE WHEN n.status = 'sending' THEN EXISTS (SELECT 1 FROM notify.attachment a"
+										"     WHERE a.event_id = n.event_id AND a.rule_id = n.rule_id) END",
+										MSG_NARGS + 3, insert_t, CURSOR_OPT_GENERIC_PLAN);
+	}
 	if (insert_message_plan == NULL || SPI_keepplan(insert_message_plan) != 0)
 		elog(ERROR, "notify_ext: could not prepare the message insert: %s", SPI_result_code_string(SPI_result));
 	{
@@ -827,17 +856,68 @@ rows_add(MessageRows *rows)
 	return rows->n++;
 }
 
-/* insert_rows: queue rows [from, to) with one INSERT. */
-static void
-insert_rows(MessageRows *rows, int from, int to)
+/*
+ * How many of a fan-out batch's messages its worker may send itself (the
+ * rest are queued for every worker); set per batch by fanout_pending_events.
+ */
+static int	direct_budget = 0;
+static bool batch_full = false;	/* the fan-out batch took as many events as it could */
+
+/* messages the last fan-out batch queued for every worker to send */
+int			fanout_queued = 0;
+
+static char *
+datum_text_or_null(MessageRows *rows, int c, int i)
 {
-	Datum		args[MSG_NARGS];
+	return rows->nulls[c][i] ? NULL : TextDatumGetCString(rows->values[c][i]);
+}
+
+/*
+ * insert_rows: queue rows [from, to) with one INSERT; with direct true,
+ * the first of them (up to direct_budget) go to this worker's sender,
+ * claimed (see insert_message_plan).
+ */
+static void
+insert_rows(MessageRows *rows, int from, int to, bool direct)
+{
+	Datum		args[MSG_NARGS + 3];
+	int			claim = direct ? Min(direct_budget, to - from) : 0;
+	uint64		n;
 
 	if (to <= from)
 		return;
 	for (int c = 0; c < MSG_NARGS; c++)
 		args[c] = notify_array(rows->values[c] + from, rows->nulls[c] + from, to - from, msg_column_type[c]);
-	notify_run_plan(insert_message_plan, args, NULL, false, 0, SPI_OK_INSERT, "queueing messages");
+	args[MSG_NARGS] = Int32GetDatum(claim);
+	args[MSG_NARGS + 1] = Int32GetDatum(notify_lease);
+	args[MSG_NARGS + 2] = Int32GetDatum(notify_worker_id);
+	n = notify_run_plan(insert_message_plan, args, NULL, false, 0, SPI_OK_INSERT_RETURNING, "queueing messages");
+	if (n != (uint64) (to - from))
+		elog(ERROR, "notify_ext: %llu rows returned for %d messages queued", (unsigned long long) n, to - from);
+	for (uint64 i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int			r = from + (int) i;
+		MemoryContext old;
+
+		char	   *status = TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull));
+
+		if (strcmp(status, "queued") == 0)
+			fanout_queued++;
+		if (strcmp(status, "sending") != 0)
+			continue;
+		old = MemoryContextSwitchTo(sender_direct_context());
+		sender_add_direct(DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull)),
+						  datum_text_or_null(rows, 5, r), datum_text_or_null(rows, 6, r),
+						  datum_text_or_null(rows, 9, r), datum_text_or_null(rows, 10, r),
+						  datum_text_or_null(rows, 11, r), datum_text_or_null(rows, 7, r),
+						  DatumGetInt64(rows->values[0][r]), DatumGetInt64(rows->values[2][r]),
+						  DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull)));
+		MemoryContextSwitchTo(old);
+		direct_budget--;
+	}
 }
 
 /*
@@ -879,7 +959,8 @@ insert_message(const PendingEvent *ev, const RuleInfo *rule, const Recipient *r,
 	MemoryContextSwitchTo(old);
 	if (current_rows.n >= MSG_FLUSH_ROWS)
 	{
-		insert_rows(&current_rows, 0, current_rows.n);
+		/* in the event's subtransaction, which may yet roll back: queued, never sent directly */
+		insert_rows(&current_rows, 0, current_rows.n, false);
 		rows_reset(&current_rows);
 	}
 }
@@ -1358,7 +1439,7 @@ insert_range(void *arg)
 {
 	RowRange   *r = (RowRange *) arg;
 
-	insert_rows(&pending_rows, r->from, r->to);
+	insert_rows(&pending_rows, r->from, r->to, true);
 }
 
 /*
@@ -1375,6 +1456,15 @@ flush_pending(MemoryContext outer, MemoryContext work_cxt, Datum *done, int *ndo
 
 	if (pending_rows.n == 0)
 		return;
+
+	/*
+	 * What this worker sends itself: all of a full batch's messages (more
+	 * events wait, for the other workers to fan out and send), or its fair
+	 * share of the last ones, the rest queued for the other workers to
+	 * send at the same time.
+	 */
+	if (direct_budget > 0 && !batch_full)
+		direct_budget = Min(direct_budget, (pending_rows.n + Max(notify_workers, 1) - 1) / Max(notify_workers, 1));
 	error = notify_try_subxact(insert_range, &all, outer, work_cxt);
 	MemoryContextReset(work_cxt);
 	if (error != NULL)
@@ -1425,6 +1515,8 @@ fanout_pending_events(int batch_size)
 	int			ndone = 0;
 
 	prepare_plans();
+	direct_budget = notify_direct_send ? batch_size : 0;
+	fanout_queued = 0;
 	events = claim_events(batch_size);
 	if (events == NIL)
 	{
@@ -1432,6 +1524,7 @@ fanout_pending_events(int batch_size)
 		return 0;
 	}
 	notify_refresh_snapshot();
+	batch_full = list_length(events) >= batch_size;
 
 	done = palloc(sizeof(Datum) * list_length(events));
 	suppressions_exist = bounce_suppressions_exist();

@@ -40,6 +40,7 @@ bool		notify_enabled = true;
 int			notify_max_attempts = 10;
 int			notify_retry_backoff = 10;
 int			notify_lease = 60;
+bool		notify_direct_send = true;
 int			notify_retention = 30 * 24 * 3600;
 char	   *notify_actor = NULL;
 int			notify_workers = 2;
@@ -161,6 +162,15 @@ define_settings(void)
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("notify.direct_send",
+							 "A worker sends the messages of the events it fans out itself, without queueing them first.",
+							 "Off: every message goes through the queue and is claimed like a retry (one more write of each message).",
+							 &notify_direct_send,
+							 true,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
 
 	DefineCustomIntVariable("notify.retention",
 							"Finished events, messages and attempts older than this are purged by the worker; 0 keeps them forever.",

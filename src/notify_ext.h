@@ -42,6 +42,7 @@ extern char *notify_timezone;
 extern int	notify_webhook_timeout;
 extern int	notify_max_age;
 extern int	notify_bounce_poll_interval;
+extern bool notify_direct_send;
 
 /*
  * Worker slots in shared memory: the most notify.max_workers (and so
@@ -242,6 +243,7 @@ extern void notify_push_jsonb(JsonbParseState **state, JsonbIteratorToken token,
 
 /* fanout.c */
 extern int	fanout_pending_events(int batch_size);
+extern int	fanout_queued;
 
 /*
  * sender.c.  A worker claims this many messages at a time, so that a burst
@@ -250,6 +252,12 @@ extern int	fanout_pending_events(int batch_size);
  */
 #define SEND_CLAIM_SIZE 16
 extern int	send_due_messages(int batch_size, long *next_due_ms);
+extern void sender_direct_begin(MemoryContext cxt);
+extern MemoryContext sender_direct_context(void);
+extern void sender_add_direct(int64 id, char *address, char *display_name, char *subject,
+							  char *text_body, char *html_body, char *channel, int64 event_id,
+							  int64 rule_id, bool has_attachments);
+extern void sender_direct_ready(void);
 extern void sender_shutdown(void);
 extern void sender_abandon_transfers(void);
 

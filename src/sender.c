@@ -74,6 +74,15 @@ static List *batch_channels = NIL;
 
 static SmtpPool *pool = NULL;	/* in TopMemoryContext */
 
+/*
+ * Direct send: messages the worker's fan-out inserted already claimed
+ * (fanout.c, insert_rows), to be sent by this worker's next send round
+ * once the fan-out has committed.  They live in the round's context.
+ */
+static MemoryContext direct_cxt = NULL;
+static List *direct_list = NIL;
+static bool direct_ready = false;
+
 static List *claimed_rows(uint64 n);
 
 static SPIPlanPtr claim_plan = NULL;
@@ -471,6 +480,53 @@ claimed_rows(uint64 n)
 		claimed = lappend(claimed, m);
 	}
 	return claimed;
+}
+
+/* sender_direct_begin: a fan-out starts; what it claims is kept in cxt. */
+void
+sender_direct_begin(MemoryContext cxt)
+{
+	direct_cxt = cxt;
+	direct_list = NIL;
+	direct_ready = false;
+}
+
+/* sender_direct_context: where fanout.c copies what it claims. */
+MemoryContext
+sender_direct_context(void)
+{
+	Assert(direct_cxt != NULL);
+	return direct_cxt;
+}
+
+/* sender_add_direct: a message the fan-out inserted claimed by this worker (strings in direct_cxt). */
+void
+sender_add_direct(int64 id, char *address, char *display_name, char *subject, char *text_body,
+				  char *html_body, char *channel, int64 event_id, int64 rule_id, bool has_attachments)
+{
+	MemoryContext old = MemoryContextSwitchTo(direct_cxt);
+	ClaimedMessage *m = palloc0(sizeof(ClaimedMessage));
+
+	m->out.id = id;
+	m->out.address = address;
+	m->out.display_name = display_name;
+	m->out.subject = subject;
+	m->out.text_body = text_body;
+	m->out.html_body = html_body;
+	m->channel = channel;
+	m->attempts = 1;
+	m->event_id = event_id;
+	m->rule_id = rule_id;
+	m->has_attachments = has_attachments;
+	direct_list = lappend(direct_list, m);
+	MemoryContextSwitchTo(old);
+}
+
+/* sender_direct_ready: the fan-out committed: its claims are the next send round's. */
+void
+sender_direct_ready(void)
+{
+	direct_ready = true;
 }
 
 /*
@@ -954,6 +1010,7 @@ int
 send_due_messages(int batch_size, long *next_due_ms)
 {
 	List	   *claimed;
+	List	   *direct = direct_ready ? direct_list : NIL;
 	List	   *channels = NIL;
 	ListCell   *lc;
 	ListCell   *next;
@@ -972,7 +1029,12 @@ send_due_messages(int batch_size, long *next_due_ms)
 	prepare_plans();
 	MemoryContextSwitchTo(batch);
 	batch_channels = NIL;
-	claimed = list_concat(claim_probes(), claim_messages(batch_size));
+	/* what the fan-out just claimed goes first; the queue fills the batch up */
+	direct_list = NIL;
+	direct_ready = false;
+	claimed = list_concat(claim_probes(), direct);
+	if (list_length(direct) < batch_size)
+		claimed = list_concat(claimed, claim_messages(batch_size - list_length(direct)));
 	notify_refresh_snapshot();	/* a channel set up just before its messages were queued */
 	foreach(lc, claimed)
 	{

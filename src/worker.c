@@ -726,6 +726,8 @@ fanout_round(void)
 {
 	int			n;
 
+	/* what the fan-out claims for this worker to send lives in the round's context */
+	sender_direct_begin(CurrentMemoryContext);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	notify_lock_extension();
@@ -737,6 +739,7 @@ fanout_round(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	sender_direct_ready();
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return n;
@@ -825,8 +828,10 @@ run_schedules_if_due(long *next_ms)
 }
 
 /*
- * ask_for_help: the queue has more due than this worker takes at once:
- * ask the launcher for a worker per two due messages, up to notify.workers
+ * ask_for_help: the queue has more due than this worker takes at once, or
+ * events wait to be fanned out (their messages are sent by the workers
+ * that fan them out): ask the launcher for a worker per two due messages
+ * or waiting events, up to notify.workers
  * (each sends one message at a time, so a slow server is waited for in
  * parallel; starting a process costs about as much as sending two messages
  * to a relay nearby, so two do not get a second one).  Looked at after a
@@ -854,8 +859,12 @@ ask_for_help(void)
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	arg = Int32GetDatum(notify_workers * 2);
-	if (SPI_execute_with_args("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM notify.message m"
-							  " WHERE m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now() LIMIT $1) q",
+	/* what is due, and the events still to fan out (whose messages the workers send directly) */
+	if (SPI_execute_with_args("SELECT (SELECT pg_catalog.count(*) FROM (SELECT 1 FROM notify.message m"
+							  "   WHERE m.status = 'queued' AND m.next_attempt_at <= pg_catalog.now() LIMIT $1) q)"
+							  " + (SELECT pg_catalog.count(*) FROM (SELECT 1 FROM notify.event e"
+							  "   WHERE e.id >= (SELECT x.low_water FROM notify.event_cursor x)"
+							  "     AND e.processed_at IS NULL LIMIT $1) p)",
 							  1, &argtype, &arg, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
 		due = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
@@ -956,8 +965,12 @@ run_rounds(void)
 		MemoryContextSwitchTo(round_cxt);
 		listen_for_commits();
 		events = fanout_round();
-		/* the messages just made are for every worker to send, and more may be needed */
-		if (events > 0)
+
+		/*
+		 * Messages queued (more than this worker sends itself), or more
+		 * events than a batch: for every worker, and more may be needed.
+		 */
+		if (fanout_queued > 0 || events >= notify_batch_size)
 		{
 			notify_wake_workers_except(notify_worker_slot);
 			ask_for_help();
