@@ -539,6 +539,20 @@ UPDATE notify.event_cursor SET low_water = COALESCE((SELECT pg_catalog.min(e.id)
 GRANT SELECT ON notify.event_cursor TO notify_admin;
 -- an attempt without a foreign key to its message (purge deletes both)
 ALTER TABLE notify.attempt DROP CONSTRAINT attempt_message_id_fkey;
+-- lz4 for bodies, captured rows and files where the server has it (rows
+-- already stored keep pglz until they are rewritten)
+DO $$
+BEGIN
+    ALTER TABLE notify.message ALTER COLUMN text_body SET COMPRESSION lz4,
+                               ALTER COLUMN html_body SET COMPRESSION lz4;
+    ALTER TABLE notify.event ALTER COLUMN row SET COMPRESSION lz4,
+                             ALTER COLUMN old SET COMPRESSION lz4,
+                             ALTER COLUMN rows SET COMPRESSION lz4;
+    ALTER TABLE notify.attachment ALTER COLUMN content SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported OR invalid_parameter_value THEN
+    NULL;
+END
+$$;
 CREATE OR REPLACE FUNCTION notify.purge(older_than interval) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
