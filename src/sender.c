@@ -1061,9 +1061,16 @@ send_due_messages(int batch_size, long *next_due_ms)
 			int64		done_id;
 			SendResult	done_result;
 
-			/* fill the free connections; a worker asked to stop starts nothing new */
+			/*
+			 * Fill the free connection, or follow the message in flight on
+			 * it when its server pipelines (the next envelope then goes with
+			 * this data: a round trip per message); a worker asked to stop
+			 * starts nothing new.
+			 */
 			while (next != NULL && !ProcDiePending && !notify_worker_stop_requested() &&
-				   smtp_pool_active(pool) < 1)
+				   (smtp_pool_active(pool) < 1 ||
+					(smtp_pool_active(pool) < 2 && ((ClaimedMessage *) lfirst(next))->hook == NULL &&
+					 smtp_pool_can_chain(pool, ((ClaimedMessage *) lfirst(next))->cfg))))
 			{
 				ClaimedMessage *m = (ClaimedMessage *) lfirst(next);
 

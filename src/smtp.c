@@ -148,6 +148,24 @@ struct SmtpClient
 	char		fail_line[512];
 	const char *fail_what;
 	short		want;			/* POLLIN or POLLOUT: what the transfer waits for */
+
+	/*
+	 * The next transfer, pipelined behind this one on the same connection
+	 * (RFC 2920: the data may begin a group): its envelope goes in the same
+	 * write as this one's data, so that a message costs one round trip.
+	 * Built in next_cxt with its own copy of the channel's settings; it
+	 * becomes the transfer when this one ends (transfer_advance).
+	 */
+	bool		has_next;
+	bool		next_sent;		/* its envelope is written (or queued) */
+	int64		next_tag;
+	SmtpConfig	next_cfg;
+	MemoryContext next_cxt;
+	MemoryContext next_cfg_cxt;
+	char	   *next_data;
+	size_t		next_data_len;
+	char	   *next_mail_from;
+	struct curl_slist *next_rcpt;
 };
 
 typedef struct SmtpClient SmtpClient;
@@ -158,11 +176,15 @@ struct SmtpPool
 	SmtpClient *clients[SMTP_POOL_MAX];
 	int			active;
 	int			ndone;
-	SmtpClient *done[SMTP_POOL_MAX];
+	/* finished transfers not yet collected: their tags and results */
+	int64		done_tag[2 * SMTP_POOL_MAX];
+	SendResult	done_result[2 * SMTP_POOL_MAX];
 };
 
 static void record_transcript(SmtpClient *client, curl_infotype type, const char *data, size_t size);
 static void release_transfer(SmtpClient *client);
+static char *envelope_group(SmtpClient *client, const char *mail_from, struct curl_slist *rcpt,
+							size_t data_len, MemoryContext cxt);
 
 /* smtp_global_init: libcurl's process-wide setup, once, in the worker. */
 void
@@ -425,6 +447,10 @@ client_create(void)
 												ALLOCSET_DEFAULT_SIZES);
 	client->cfg_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP channel",
 											ALLOCSET_SMALL_SIZES);
+	client->next_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP message",
+											 ALLOCSET_DEFAULT_SIZES);
+	client->next_cfg_cxt = AllocSetContextCreate(TopMemoryContext, "notify_ext SMTP channel",
+												 ALLOCSET_SMALL_SIZES);
 	client_new_handle(client);
 	return client;
 }
@@ -445,6 +471,14 @@ client_destroy(SmtpClient *client)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
 	if (client->message_cxt)
 		MemoryContextDelete(client->message_cxt);
+	if (client->next_cxt)
+		MemoryContextDelete(client->next_cxt);
+	if (client->next_cfg_cxt)
+	{
+		if (client->next_cfg.password)
+			explicit_bzero(client->next_cfg.password, strlen(client->next_cfg.password));
+		MemoryContextDelete(client->next_cfg_cxt);
+	}
 	if (client->cfg_cxt)
 	{
 		if (!client->owns_cfg && client->cfg.password)
@@ -592,28 +626,13 @@ fail_result(SendResult *result, SendOutcome outcome, const char *fmt, const char
 }
 
 /*
- * build_message: one message for a client to send: its bytes (message,
- * message_len) and its envelope sender (mail_from), in message_cxt.
- * Everything that could smuggle a header or a command is checked first;
- * returns false, with client->result filled, when the message can never be
- * sent as it is.
+ * reset_transfer: a client's state for a new transfer (its message is
+ * built by build_message).
  */
-static bool
-build_message(SmtpClient *client, const OutMessage *msg)
+static void
+reset_transfer(SmtpClient *client)
 {
-	SendResult *result = &client->result;
-	char		errbuf[256];
-	char		datebuf[64];
-	char		idbuf[320];
-	char	   *to_header;
-	char	   *subject;
-	char	   *from_header;
-	char		token[48];
-	StringInfo	headers;
-	MimeAttachment *attachments;
-	MemoryContext old;
-
-	memset(result, 0, sizeof(*result));
+	memset(&client->result, 0, sizeof(client->result));
 	client->last_reply[0] = '\0';
 	client->last_code = 0;
 	client->envelope_phase = false;
@@ -626,7 +645,33 @@ build_message(SmtpClient *client, const OutMessage *msg)
 	client->rcpt = NULL;
 	client->message = NULL;
 	client->mail_from = NULL;
+}
 
+/*
+ * build_message: one message to send over a channel (cfg): its bytes
+ * (*message, *message_len) and its envelope sender (*mail_from), in cxt
+ * (which is reset first).  Everything that could smuggle a header or a
+ * command is checked first; returns false, with *result filled, when the
+ * message can never be sent as it is.
+ */
+static bool
+build_message(const SmtpConfig *cfg, const OutMessage *msg, MemoryContext cxt, SendResult *result,
+			  char **message, size_t *message_len, char **mail_from)
+{
+	char		errbuf[256];
+	char		datebuf[64];
+	char		idbuf[320];
+	char	   *to_header;
+	char	   *subject;
+	char	   *from_header;
+	char		token[48];
+	StringInfo	headers;
+	MimeAttachment *attachments;
+	MemoryContext old;
+
+	memset(result, 0, sizeof(*result));
+	*message = NULL;
+	*mail_from = NULL;
 	if (!mime_check_address(msg->address, errbuf, sizeof(errbuf)))
 	{
 		fail_result(result, SEND_FAILED, "%s", errbuf);
@@ -638,7 +683,7 @@ build_message(SmtpClient *client, const OutMessage *msg)
 		fail_result(result, SEND_FAILED, "To header: %s", errbuf);
 		return false;
 	}
-	from_header = mime_format_mailbox(NULL, client->cfg.from_address, errbuf, sizeof(errbuf));
+	from_header = mime_format_mailbox(NULL, cfg->from_address, errbuf, sizeof(errbuf));
 	if (from_header == NULL)
 	{
 		fail_result(result, SEND_CHANNEL, "channel's from_address: %s", errbuf);
@@ -664,7 +709,7 @@ build_message(SmtpClient *client, const OutMessage *msg)
 					 mime_message_id(notify_database_token()[0]
 									 ? psprintf("%s.%s", msg->id_kind ? msg->id_kind : "notify.message", notify_database_token())
 									 : (msg->id_kind ? msg->id_kind : "notify.message"),
-									 msg->id, mime_domain_of(client->cfg.from_address),
+									 msg->id, mime_domain_of(cfg->from_address),
 									 idbuf, sizeof(idbuf)));
 	/* RFC 3834: tells auto-responders not to answer a machine */
 	appendStringInfoString(headers, "Auto-Submitted: auto-generated\r\n");
@@ -689,14 +734,13 @@ build_message(SmtpClient *client, const OutMessage *msg)
 	}
 
 	boundary_token(token, sizeof(token), msg->id);
-	MemoryContextReset(client->message_cxt);
-	old = MemoryContextSwitchTo(client->message_cxt);
-	client->message = mime_build_message(headers->data, msg->text_body ? msg->text_body : "",
+	MemoryContextReset(cxt);
+	old = MemoryContextSwitchTo(cxt);
+	*message = mime_build_message(headers->data, msg->text_body ? msg->text_body : "",
 										 msg->html_body, attachments, msg->nattachments, token,
-										 &client->message_len, errbuf, sizeof(errbuf));
+										 message_len, errbuf, sizeof(errbuf));
 	MemoryContextSwitchTo(old);
-	client->message_pos = 0;
-	if (client->message == NULL)
+	if (*message == NULL)
 	{
 		fail_result(result, SEND_RETRY, "could not build the message: %s", errbuf);
 		return false;
@@ -707,9 +751,9 @@ build_message(SmtpClient *client, const OutMessage *msg)
 	 * its bounce can be matched whatever a relay does to the headers; the
 	 * From: header above stays the channel's from_address.
 	 */
-	client->mail_from = MemoryContextStrdup(client->message_cxt,
-											psprintf("<%s>", bounce_envelope_sender(client->cfg.bounce_address ? client->cfg.bounce_address
-																					: client->cfg.from_address,
+	*mail_from = MemoryContextStrdup(cxt,
+											psprintf("<%s>", bounce_envelope_sender(cfg->bounce_address ? cfg->bounce_address
+																					: cfg->from_address,
 																					msg->id, msg->id_kind != NULL)));
 	return true;
 }
@@ -721,7 +765,10 @@ build_message(SmtpClient *client, const OutMessage *msg)
 static bool
 prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 {
-	if (!build_message(client, msg))
+	reset_transfer(client);
+	client->message_pos = 0;
+	if (!build_message(&client->cfg, msg, client->message_cxt, &client->result,
+					   &client->message, &client->message_len, &client->mail_from))
 		return false;
 	client->rcpt = curl_slist_append(client->rcpt, psprintf("<%s>", msg->address));
 
@@ -734,6 +781,19 @@ prepare_transfer(SmtpClient *client, const OutMessage *msg, bool pooled)
 	curl_easy_setopt(client->curl, CURLOPT_READDATA, client);
 	curl_easy_setopt(client->curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t) client->message_len);
 	return true;
+}
+
+/* release_next: forget the transfer chained behind (the worker's round failed). */
+static void
+release_next(SmtpClient *client)
+{
+	curl_slist_free_all(client->next_rcpt);
+	client->next_rcpt = NULL;
+	client->next_data = NULL;
+	client->next_mail_from = NULL;
+	client->has_next = false;
+	client->next_sent = false;
+	MemoryContextReset(client->next_cxt);
 }
 
 /* release_transfer: the handle must not keep pointers to what is freed here. */
@@ -1108,6 +1168,15 @@ session_reply(SmtpClient *client, int code, const char *line, TransferEnd *end)
 					/* 354: the data, dot-stuffed, and the final dot */
 					client->phase = PHASE_DATA;
 					queue_output(client, client->data, client->data_len, 1);
+					/* and, in the same write, the envelope of the message chained behind */
+					if (client->has_next && !client->next_sent && client->pipelining)
+					{
+						char	   *group = envelope_group(client, client->next_mail_from, client->next_rcpt,
+														   client->next_data_len, client->next_cxt);
+
+						queue_output(client, group, strlen(group), 0);
+						client->next_sent = true;
+					}
 					return;
 				}
 				if (code == 354)
@@ -1390,18 +1459,137 @@ pool_client(SmtpPool *pool, const SmtpConfig *cfg)
 }
 
 /*
- * smtp_pool_start: put a message in flight, known to the caller as `tag`.
- * Nothing of cfg or msg is kept: they are copied.  Returns false when the
- * message failed before any network exchange (*result filled).
+ * envelope_group: MAIL FROM, RCPT TO and DATA of a message, as one
+ * pipelined group, in cxt.
+ */
+static char *
+envelope_group(SmtpClient *client, const char *mail_from, struct curl_slist *rcpt, size_t data_len,
+			   MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	char	   *group = client->size_ext
+		? psprintf("MAIL FROM:%s SIZE=%zu\r\nRCPT TO:%s\r\nDATA\r\n", mail_from, data_len, rcpt->data)
+		: psprintf("MAIL FROM:%s\r\nRCPT TO:%s\r\nDATA\r\n", mail_from, rcpt->data);
+
+	MemoryContextSwitchTo(old);
+	return group;
+}
+
+/*
+ * wire_message: a message's bytes as they go after 354 (dot-stuffed, the
+ * final dot) and its recipient, in cxt; false when out of memory.
+ */
+static bool
+wire_message(const char *message, size_t len, const char *address, MemoryContext cxt,
+			 char **data, size_t *data_len, struct curl_slist **rcpt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+
+	*data = mime_smtp_data(message, len, data_len);
+	*rcpt = curl_slist_append(NULL, psprintf("<%s>", address));
+	MemoryContextSwitchTo(old);
+	if (*data == NULL || *rcpt == NULL)
+	{
+		curl_slist_free_all(*rcpt);
+		*rcpt = NULL;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * chain_client: the busy client a transfer with these settings can follow
+ * on the same connection (pipelined), or NULL.
+ */
+static SmtpClient *
+chain_client(SmtpPool *pool, const SmtpConfig *cfg)
+{
+	char		key[sizeof(((SmtpClient *) NULL)->session_key)];
+
+	session_key(cfg, key, sizeof(key));
+	for (int i = 0; i < pool->nclients; i++)
+	{
+		SmtpClient *c = pool->clients[i];
+
+		if (c->busy && !c->has_next && c->state == SESSION_OPEN && c->pipelining &&
+			(c->phase == PHASE_ENVELOPE || c->phase == PHASE_DATA) &&
+			strcmp(c->session_key, key) == 0)
+			return c;
+	}
+	return NULL;
+}
+
+/*
+ * smtp_pool_can_chain: may a message for this channel be started now,
+ * behind one in flight on the same connection?  (Its envelope then goes
+ * with the data of the one before: a round trip per message.)
+ */
+bool
+smtp_pool_can_chain(SmtpPool *pool, const SmtpConfig *cfg)
+{
+	return pool != NULL && cfg != NULL && chain_client(pool, cfg) != NULL;
+}
+
+/*
+ * chain_message: msg follows the client's transfer on its connection.
+ * Returns false (result filled) when it cannot be sent as it is.
+ */
+static bool
+chain_message(SmtpClient *client, const SmtpConfig *cfg, const OutMessage *msg, SendResult *result,
+			  int64 tag)
+{
+	char	   *message;
+	size_t		len;
+
+	if (client->next_cfg.password)
+		explicit_bzero(client->next_cfg.password, strlen(client->next_cfg.password));
+	MemoryContextReset(client->next_cfg_cxt);
+	copy_config(&client->next_cfg, cfg, client->next_cfg_cxt);
+	if (!build_message(&client->next_cfg, msg, client->next_cxt, result, &message, &len,
+					   &client->next_mail_from))
+		return false;
+	if (!wire_message(message, len, msg->address, client->next_cxt, &client->next_data,
+					  &client->next_data_len, &client->next_rcpt))
+	{
+		fail_result(result, SEND_RETRY, "could not build the message: %s", "out of memory");
+		return false;
+	}
+	client->next_tag = tag;
+	client->has_next = true;
+	client->next_sent = false;
+	/* the data before it is on its way: its envelope goes now, in the same group */
+	if (client->phase == PHASE_DATA)
+	{
+		char	   *group = envelope_group(client, client->next_mail_from, client->next_rcpt,
+										   client->next_data_len, client->next_cxt);
+
+		queue_output(client, group, strlen(group), 0);
+		client->next_sent = true;
+	}
+	return true;
+}
+
+/*
+ * smtp_pool_start: put a message in flight, known to the caller as `tag`:
+ * behind a transfer on a connection with the same settings when the server
+ * pipelines, else on a connection of its own.  Nothing of cfg or msg is
+ * kept: they are copied.  Returns false when the message failed before any
+ * network exchange (*result filled).
  */
 bool
 smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 				SendResult *result, int64 tag)
 {
-	SmtpClient *client = pool_client(pool, cfg);
-	char	   *data;
-	MemoryContext old;
+	SmtpClient *client = chain_client(pool, cfg);
 
+	if (client != NULL)
+	{
+		if (!chain_message(client, cfg, msg, result, tag))
+			return false;
+		pool->active++;
+		return true;
+	}
+	client = pool_client(pool, cfg);
 	/* the channel's settings, copied for this transfer (the last copy's secret wiped) */
 	if (client->cfg.password)
 		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
@@ -1409,24 +1597,22 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 	copy_config(&client->cfg, cfg, client->cfg_cxt);
 	client->owns_cfg = false;
 	client->tag = tag;
-	if (!build_message(client, msg))
+	reset_transfer(client);
+	if (!build_message(&client->cfg, msg, client->message_cxt, &client->result,
+					   &client->message, &client->message_len, &client->mail_from))
 	{
 		*result = client->result;
 		return false;
 	}
 	/* the data as it goes on the wire, and the recipient, in the transfer's own memory */
-	old = MemoryContextSwitchTo(client->message_cxt);
-	data = mime_smtp_data(client->message, client->message_len, &client->data_len);
-	client->rcpt = curl_slist_append(NULL, psprintf("<%s>", msg->address));
-	MemoryContextSwitchTo(old);
-	if (data == NULL || client->rcpt == NULL)
+	if (!wire_message(client->message, client->message_len, msg->address, client->message_cxt,
+					  &client->data, &client->data_len, &client->rcpt))
 	{
 		release_transfer(client);
 		fail_result(&client->result, SEND_RETRY, "could not build the message: %s", "out of memory");
 		*result = client->result;
 		return false;
 	}
-	client->data = data;
 	client->curl_err[0] = '\0';
 	if (client->state == SESSION_OPEN)
 	{
@@ -1445,10 +1631,67 @@ smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 }
 
 /*
- * pool_complete: a transfer is over; classify it and queue it for
+ * transfer_advance: the transfer is over and another was chained behind
+ * it: that one becomes the transfer (its envelope's replies come next, or
+ * its envelope goes now).
+ */
+static void
+transfer_advance(SmtpClient *client)
+{
+	MemoryContext swap;
+
+	/* the finished transfer's memory (already released) is the next one's to reuse */
+	swap = client->message_cxt;
+	client->message_cxt = client->next_cxt;
+	client->next_cxt = swap;
+	swap = client->cfg_cxt;
+	if (client->cfg.password)
+		explicit_bzero(client->cfg.password, strlen(client->cfg.password));
+	client->cfg_cxt = client->next_cfg_cxt;
+	client->next_cfg_cxt = swap;
+	client->cfg = client->next_cfg;
+	memset(&client->next_cfg, 0, sizeof(client->next_cfg));
+	client->tag = client->next_tag;
+
+	reset_transfer(client);
+	client->data = client->next_data;
+	client->data_len = client->next_data_len;
+	client->mail_from = client->next_mail_from;
+	client->rcpt = client->next_rcpt;
+	client->next_data = NULL;
+	client->next_mail_from = NULL;
+	client->next_rcpt = NULL;
+	client->has_next = false;
+	client->reused = true;
+	if (client->next_sent)
+	{
+		/* its group is written: MAIL FROM, RCPT TO and DATA's replies are on their way */
+		client->phase = PHASE_ENVELOPE;
+		client->envelope_phase = true;
+		client->step = 0;
+		client->expect = 3;
+		client->replies = 0;
+		client->fail_code = 0;
+		client->fail_line[0] = '\0';
+		client->fail_what = NULL;
+	}
+	else
+	{
+		/* what was read belongs to no transfer any more: the next reads its own */
+		size_t		in_len = client->in_len;
+
+		session_begin(client);
+		client->in_len = in_len;
+	}
+}
+
+/*
+ * pool_complete: a transfer is over; classify it and queue its result for
  * smtp_pool_next_done.  A connection not in good order (a failure of the
  * connection, a silence, a reply out of step) is closed: a late reply must
- * never answer the next message's MAIL FROM.
+ * never answer the next message's MAIL FROM.  A transfer chained behind
+ * then becomes the client's; on a closed connection it ends too, as the
+ * channel's failure (its envelope got no answer), or aborted.
  */
 static void
 pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why, bool keep)
@@ -1462,11 +1705,23 @@ pool_complete(SmtpPool *pool, SmtpClient *client, CURLcode res, const char *why,
 		strlcpy(client->last_reply, client->fail_line, sizeof(client->last_reply));
 	}
 	finish_transfer(client, res, why);
+	pool->done_tag[pool->ndone] = client->tag;
+	pool->done_result[pool->ndone] = client->result;
+	pool->ndone++;
+	pool->active--;
 	if (!(res == CURLE_OK || keep) || client->state != SESSION_OPEN)
 		session_close(client, false);
-	client->busy = false;
-	pool->active--;
-	pool->done[pool->ndone++] = client;
+	if (!client->has_next)
+	{
+		client->busy = false;
+		return;
+	}
+	transfer_advance(client);
+	if (client->state != SESSION_OPEN)
+		pool_complete(pool, client, res == CURLE_ABORTED_BY_CALLBACK ? res : CURLE_SEND_ERROR,
+					  res == CURLE_ABORTED_BY_CALLBACK ? NULL
+					  : "the connection failed before the server answered this message's envelope",
+					  false);
 }
 
 /*
@@ -1589,6 +1844,7 @@ smtp_pool_abandon(SmtpPool *pool)
 			continue;
 		session_close(client, false);
 		release_transfer(client);
+		release_next(client);
 		client->busy = false;
 	}
 	pool->active = 0;
@@ -1665,10 +1921,9 @@ smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *res
 
 		if (pool->ndone > 0)
 		{
-			SmtpClient *done = pool->done[--pool->ndone];
-
-			*tag = done->tag;
-			*result = done->result;
+			pool->ndone--;
+			*tag = pool->done_tag[pool->ndone];
+			*result = pool->done_result[pool->ndone];
 			return true;
 		}
 		if (pool->active == 0)

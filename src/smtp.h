@@ -78,6 +78,7 @@ extern void smtp_global_init(void);
 extern SmtpPool *smtp_pool_create(void);
 extern void smtp_pool_destroy(SmtpPool *pool);
 extern int	smtp_pool_active(const SmtpPool *pool);
+extern bool smtp_pool_can_chain(SmtpPool *pool, const SmtpConfig *cfg);
 extern bool smtp_pool_start(SmtpPool *pool, const SmtpConfig *cfg, const OutMessage *msg,
 							SendResult *result, int64 tag);
 extern bool smtp_pool_next_done(SmtpPool *pool, long timeout_ms, int64 *tag, SendResult *result);

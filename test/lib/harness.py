@@ -146,6 +146,14 @@ class _Recorder:
     def __init__(self, server):
         self.server = server
 
+    async def handle_EHLO(self, smtp, session, envelope, hostname, responses):
+        # offers PIPELINING (RFC 2920) as Postfix does, unless the server is
+        # made without it; aiosmtpd reads pipelined commands in order anyway
+        session.host_name = hostname
+        if getattr(self.server, "pipelining", True):
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
         code = self.server.rcpt_replies.get(address.lower())
         if code:
@@ -174,9 +182,12 @@ class _Recorder:
 
 
 class SmtpServer:
-    """aiosmtpd on 127.0.0.1: keeps every message received, by envelope recipient."""
+    """aiosmtpd on 127.0.0.1: keeps every message received, by envelope
+    recipient.  It offers PIPELINING, as Postfix does (pipelining=False:
+    not, and the client must wait for each reply)."""
 
-    def __init__(self):
+    def __init__(self, pipelining=True):
+        self.pipelining = pipelining
         self.port = free_port()
         self.mails = []
         self.rcpt_replies = {}              # address -> reply, to make the server refuse
