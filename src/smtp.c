@@ -1376,11 +1376,15 @@ smtp_pool_destroy(SmtpPool *pool)
 	pfree(pool);
 }
 
-/* smtp_pool_active: transfers in flight. */
+/*
+ * smtp_pool_active: transfers in flight, and finished ones whose results
+ * smtp_pool_next_done has not handed out yet (a failed connection ends a
+ * transfer and the one chained behind it at once: both must be collected).
+ */
 int
 smtp_pool_active(const SmtpPool *pool)
 {
-	return pool->active;
+	return pool->active + pool->ndone;
 }
 
 /* copy_config: the channel's settings, copied into cxt for one transfer. */

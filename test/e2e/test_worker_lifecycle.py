@@ -128,29 +128,31 @@ def test_reload_pauses_and_resumes_sending(bare, smtp, uniq):
 
 
 def test_worker_error_is_logged_as_error_and_worker_carries_on(bare, smtp, uniq):
-    """An error that is no DROP EXTENSION (here the queue's claimed_by column
-    renamed away) is logged as the ERROR it is, shown by worker_status(), and
-    the worker tries again later instead of dying or spinning."""
+    """An error that is no DROP EXTENSION (here the channel's url column
+    renamed away: the fan-out queues the message, claimed, and the send
+    round then fails reading its channel) is logged as the ERROR it is,
+    shown by worker_status(), and the worker tries again later instead of
+    dying or spinning; the message is sent once the column is back."""
     with bare.connect() as conn:
         if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'notify_ext'").fetchone():
             install(conn, smtp, uniq)
         send_one(conn, smtp, uniq)
         pid = worker_pid(conn)
         before = len(bare.log())
-        conn.execute("ALTER TABLE notify.message RENAME COLUMN claimed_by TO claimed_by_gone")
+        conn.execute("ALTER TABLE notify.channel RENAME COLUMN url TO url_gone")
         try:
             etype = f"ping.{uniq}"
             to = f"{uniq}@example.com"
             conn.execute("SELECT notify.emit(%s, '{\"n\": 3}')", (etype,))
-            wait_until(lambda: "claimed_by" in bare.log()[before:], timeout=10, what="the worker's error logged")
-            lines = [ln for ln in bare.log()[before:].splitlines() if "claimed_by" in ln]
+            wait_until(lambda: "c.url" in bare.log()[before:], timeout=10, what="the worker's error logged")
+            lines = [ln for ln in bare.log()[before:].splitlines() if "c.url" in ln]
             print(lines[0])
             assert "notify_ext worker ERROR:" in lines[0]
             last = conn.execute("SELECT string_agg(last_error, ' ') FROM notify.worker_status()").fetchone()[0]
-            assert "claimed_by" in (last or "")
-            assert len(smtp.to(to)) == 1, "nothing can be sent while the queue is broken"
+            assert "c.url" in (last or "")
+            assert len(smtp.to(to)) == 1, "nothing can be sent while the channel cannot be read"
         finally:
-            conn.execute("ALTER TABLE notify.message RENAME COLUMN claimed_by_gone TO claimed_by")
+            conn.execute("ALTER TABLE notify.channel RENAME COLUMN url_gone TO url")
         smtp.wait_for(to, count=2, timeout=20)
         assert worker_pid(conn) == pid, "the worker must not die of an error"
 

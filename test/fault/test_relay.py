@@ -165,7 +165,14 @@ def test_real_postfix_stopped_and_started_mid_run():
 
         def all_there():
             return set(range(1, n + 1)) <= set(numbers(final.to("ok@dest.test"), "m"))
-        wait_until(all_there, timeout=90, interval=0.25, what=f"all {n} at the final server")
+        try:
+            wait_until(all_there, timeout=90, interval=0.25, what=f"all {n} at the final server")
+        except AssertionError:
+            print(f"[postfix] messages {db.execute('SELECT status, count(*) FROM notify.message GROUP BY 1').fetchall()}; "
+                  f"channel {health(db, 'relay')}; workers "
+                  f"{db.execute('SELECT * FROM notify.worker_status()').fetchall()}; "
+                  f"not sent {db.execute(chr(10).join(['SELECT id, status, attempts, next_attempt_at, lease_until, last_error', 'FROM notify.message WHERE status <> ' + chr(39) + 'sent' + chr(39) + ' LIMIT 5'])).fetchall()}")
+            raise
         mails = final.to("ok@dest.test")
         distinct, dup_mid, dup_n, split = tally(mails, "m")
         st = dict(db.execute("SELECT status, count(*) FROM notify.message GROUP BY 1").fetchall())
