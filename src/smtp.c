@@ -1065,6 +1065,20 @@ envelope_command(SmtpClient *client, int step)
 	return cmd;
 }
 
+/* envelope_state: a mail transaction whose envelope replies come next (expect of them written). */
+static void
+envelope_state(SmtpClient *client, int expect)
+{
+	client->phase = PHASE_ENVELOPE;
+	client->envelope_phase = true;
+	client->step = 0;
+	client->expect = expect;
+	client->replies = 0;
+	client->fail_code = 0;
+	client->fail_line[0] = '\0';
+	client->fail_what = NULL;
+}
+
 /*
  * session_begin: the connection is set up: start the mail transaction.
  * With PIPELINING the three envelope commands go at once (RFC 2920: DATA
@@ -1073,14 +1087,7 @@ envelope_command(SmtpClient *client, int step)
 static void
 session_begin(SmtpClient *client)
 {
-	client->phase = PHASE_ENVELOPE;
-	client->envelope_phase = true;
-	client->step = 0;
-	client->expect = 0;
-	client->replies = 0;
-	client->fail_code = 0;
-	client->fail_line[0] = '\0';
-	client->fail_what = NULL;
+	envelope_state(client, 0);
 	client->out = NULL;
 	client->out_len = client->out_pos = 0;
 	client->in_len = 0;
@@ -1091,8 +1098,8 @@ session_begin(SmtpClient *client)
 	client->last_activity = GetCurrentTimestamp();
 	if (client->pipelining)
 	{
-		char	   *all = psprintf("%s%s%s", envelope_command(client, 0), envelope_command(client, 1),
-								   envelope_command(client, 2));
+		char	   *all = envelope_group(client, client->mail_from, client->rcpt, client->data_len,
+										 client->message_cxt);
 
 		queue_output(client, all, strlen(all), 3);
 	}
@@ -1670,14 +1677,7 @@ transfer_advance(SmtpClient *client)
 	if (client->next_sent)
 	{
 		/* its group is written: MAIL FROM, RCPT TO and DATA's replies are on their way */
-		client->phase = PHASE_ENVELOPE;
-		client->envelope_phase = true;
-		client->step = 0;
-		client->expect = 3;
-		client->replies = 0;
-		client->fail_code = 0;
-		client->fail_line[0] = '\0';
-		client->fail_what = NULL;
+		envelope_state(client, 3);
 	}
 	else
 	{

@@ -249,7 +249,10 @@ def run_notify(c, sink, n, first_row, perf=None):
         got = sink.messages() - sink0
         pids |= {r[0] for r in db.execute(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'notify_ext worker'")}
-        worker_cpu = sum(proc_cpu(p) - cpu0.get(p, 0.0) for p in pids)
+        # workers that left during the run (notify.worker_idle_timeout) are in the whole
+        # cluster's figure (the postmaster's cutime), not in this one: only those still here
+        alive = {p for p in pids if os.path.exists(f"/proc/{p}")}
+        worker_cpu = sum(proc_cpu(p) - cpu0.get(p, 0.0) for p in alive)
         total_cpu = cluster_cpu(c) - total0
         sink_cpu = proc_cpu(sink.proc.pid) - sink_cpu0
     elapsed = float(last_sent) - t0
@@ -259,8 +262,9 @@ def run_notify(c, sink, n, first_row, perf=None):
           f"fan-out finished after ~{float(fanned) - t0:.2f} s, first mail after {float(first_sent) - t0:.3f} s; "
           f"{retried} retried; smtp-sink counted {got}")
     print(f"  CPU: the whole cluster {total_cpu:.2f} s = {1e6 * total_cpu / n:.0f} us/msg (target <= {TARGET_CLUSTER_US}): "
-          f"{len(pids)} workers {worker_cpu:.2f} s ({1e6 * worker_cpu / n:.0f} us/msg), "
-          f"the rest (the committing backend's capture, WAL writer, checkpointer, launcher) {other_cpu:.2f} s; "
+          f"{len(alive)} workers {worker_cpu:.2f} s ({1e6 * worker_cpu / n:.0f} us/msg)"
+          f"{f' ({len(pids) - len(alive)} more left during the run)' if len(pids) > len(alive) else ''}, "
+          f"the rest (the committing backend's capture, WAL writer, checkpointer, launcher, workers that left) {other_cpu:.2f} s; "
           f"smtp-sink {sink_cpu:.2f} s; load average {loadavg()}")
     assert got == n, f"smtp-sink counted {got} of {n}"
     return n / elapsed, total_cpu / n
