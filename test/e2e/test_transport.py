@@ -1,6 +1,7 @@
 """The SMTP transport under stress: TLS that fails closed, certificates
 checked, implicit TLS, a server that never answers the final dot (unknown
 outcome), and the per-channel rate limit shared by the workers."""
+import collections
 import socket
 import threading
 import time
@@ -40,9 +41,17 @@ def log_row(db, etype):
 class _TlsRecorder:
     def __init__(self):
         self.mails = []
+        self.peers = []
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # PIPELINING, as Postfix offers it: the client pipelines through TLS too
+        session.host_name = hostname
+        responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server, session, envelope):
         self.mails.append((envelope.rcpt_tos, session.ssl is not None, session.authenticated))
+        self.peers.append(session.peer)
         return "250 OK"
 
 
@@ -78,6 +87,27 @@ def test_verify_with_trusted_ca_sends_over_starttls_and_authenticates(db, cluste
     assert wait_until(lambda: log_row(db, etype)[0] == "sent", what="sent in the log")
     assert "STARTTLS" in report and "OK: connected, greeted and authenticated" in report
     assert "s3cret" not in report
+
+
+def test_pipelined_messages_over_starttls(db, starttls_server, uniq):
+    """20 messages in one transaction over STARTTLS and AUTH to a server that
+    offers PIPELINING: each arrives once, over TLS, authenticated; envelopes
+    pipelined behind the data before them go through the TLS layer (whose
+    decrypted bytes are read before the socket is polled)."""
+    handler, port = starttls_server
+    to = f"{uniq}@example.com"
+    etype = channel_rule(db, uniq, f"smtp://127.0.0.1:{port}", "require", to)
+    db.execute("SELECT notify.emit(%s, jsonb_build_object('n', g)) FROM generate_series(1, 20) g", (etype,))
+    wait_until(lambda: len(handler.mails) >= 20, timeout=20, what="20 mails over STARTTLS")
+    sent = wait_until(lambda: (n := db.execute("SELECT count(*) FROM notify.message WHERE event_type = %s "
+                                               "AND status = 'sent'", (etype,)).fetchone()[0]) == 20 and n,
+                      what="20 sent in the log")
+    time.sleep(0.3)
+    per_connection = sorted(collections.Counter(handler.peers).values(), reverse=True)
+    print(f"20 mails over STARTTLS, messages per connection {per_connection}")
+    assert len(handler.mails) == 20 and sent == 20
+    assert all(rcpt == [to] and tls and authed for rcpt, tls, authed in handler.mails)
+    assert per_connection[0] > 1, "a connection carried several messages"
 
 
 def test_verify_refuses_a_certificate_it_cannot_trust(db, starttls_server, uniq):
