@@ -873,11 +873,6 @@ static bool batch_full = false;	/* the fan-out batch took as many events as it c
 /* messages the last fan-out batch queued for every worker to send */
 int			fanout_queued = 0;
 
-static char *
-datum_text_or_null(MessageRows *rows, int c, int i)
-{
-	return rows->nulls[c][i] ? NULL : TextDatumGetCString(rows->values[c][i]);
-}
 
 /*
  * insert_rows: queue rows [from, to) with one INSERT; with direct true,
@@ -903,26 +898,27 @@ insert_rows(MessageRows *rows, int from, int to, bool direct)
 		elog(ERROR, "notify_ext: %llu rows returned for %d messages queued", (unsigned long long) n, to - from);
 	for (uint64 i = 0; i < n; i++)
 	{
+		/* the staged columns of a message's texts (see insert_message) */
+		static const int text_col[DIRECT_NTEXTS] = {5, 6, 9, 10, 11, 7};
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		int			r = from + (int) i;
-		MemoryContext old;
-
+		DirectText	texts[DIRECT_NTEXTS];
 		char	   *status = TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull));
 
 		if (strcmp(status, "queued") == 0)
 			fanout_queued++;
 		if (strcmp(status, "sending") != 0)
 			continue;
-		old = MemoryContextSwitchTo(sender_direct_context());
-		sender_add_direct(DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull)),
-						  datum_text_or_null(rows, 5, r), datum_text_or_null(rows, 6, r),
-						  datum_text_or_null(rows, 9, r), datum_text_or_null(rows, 10, r),
-						  datum_text_or_null(rows, 11, r), datum_text_or_null(rows, 7, r),
+		for (int t = 0; t < DIRECT_NTEXTS; t++)
+		{
+			texts[t].value = rows->values[text_col[t]][r];
+			texts[t].isnull = rows->nulls[text_col[t]][r];
+		}
+		sender_add_direct(DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull)), texts,
 						  DatumGetInt64(rows->values[0][r]), DatumGetInt64(rows->values[2][r]),
 						  DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull)));
-		MemoryContextSwitchTo(old);
 		direct_budget--;
 	}
 }

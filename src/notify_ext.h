@@ -252,11 +252,20 @@ extern int	fanout_queued;
  */
 #define SEND_CLAIM_SIZE 16
 extern int	send_due_messages(int batch_size, long *next_due_ms);
+/* the texts of a message the fan-out claimed for its worker to send (sender_add_direct) */
+typedef enum DirectTextColumn
+{
+	DIRECT_ADDRESS, DIRECT_DISPLAY_NAME, DIRECT_SUBJECT, DIRECT_TEXT_BODY, DIRECT_HTML_BODY,
+	DIRECT_CHANNEL, DIRECT_NTEXTS
+} DirectTextColumn;
+typedef struct DirectText
+{
+	Datum		value;			/* text */
+	bool		isnull;
+} DirectText;
 extern void sender_direct_begin(MemoryContext cxt);
-extern MemoryContext sender_direct_context(void);
-extern void sender_add_direct(int64 id, char *address, char *display_name, char *subject,
-							  char *text_body, char *html_body, char *channel, int64 event_id,
-							  int64 rule_id, bool has_attachments);
+extern void sender_add_direct(int64 id, const DirectText *texts, int64 event_id, int64 rule_id,
+							  bool has_attachments);
 extern void sender_direct_ready(void);
 extern void sender_shutdown(void);
 extern void sender_abandon_transfers(void);

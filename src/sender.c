@@ -491,29 +491,30 @@ sender_direct_begin(MemoryContext cxt)
 	direct_ready = false;
 }
 
-/* sender_direct_context: where fanout.c copies what it claims. */
-MemoryContext
-sender_direct_context(void)
+/* direct_text: a text column of a message the fan-out claimed, copied into direct_cxt; NULL for null. */
+static char *
+direct_text(const DirectText *t)
 {
-	Assert(direct_cxt != NULL);
-	return direct_cxt;
+	return t->isnull ? NULL : TextDatumGetCString(t->value);
 }
 
-/* sender_add_direct: a message the fan-out inserted claimed by this worker (strings in direct_cxt). */
+/*
+ * sender_add_direct: a message the fan-out inserted claimed by this worker;
+ * its texts are copied into the round's context.
+ */
 void
-sender_add_direct(int64 id, char *address, char *display_name, char *subject, char *text_body,
-				  char *html_body, char *channel, int64 event_id, int64 rule_id, bool has_attachments)
+sender_add_direct(int64 id, const DirectText *texts, int64 event_id, int64 rule_id, bool has_attachments)
 {
 	MemoryContext old = MemoryContextSwitchTo(direct_cxt);
 	ClaimedMessage *m = palloc0(sizeof(ClaimedMessage));
 
 	m->out.id = id;
-	m->out.address = address;
-	m->out.display_name = display_name;
-	m->out.subject = subject;
-	m->out.text_body = text_body;
-	m->out.html_body = html_body;
-	m->channel = channel;
+	m->out.address = direct_text(&texts[DIRECT_ADDRESS]);
+	m->out.display_name = direct_text(&texts[DIRECT_DISPLAY_NAME]);
+	m->out.subject = direct_text(&texts[DIRECT_SUBJECT]);
+	m->out.text_body = direct_text(&texts[DIRECT_TEXT_BODY]);
+	m->out.html_body = direct_text(&texts[DIRECT_HTML_BODY]);
+	m->channel = direct_text(&texts[DIRECT_CHANNEL]);
 	m->attempts = 1;
 	m->event_id = event_id;
 	m->rule_id = rule_id;

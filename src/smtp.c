@@ -183,8 +183,6 @@ struct SmtpPool
 
 static void record_transcript(SmtpClient *client, curl_infotype type, const char *data, size_t size);
 static void release_transfer(SmtpClient *client);
-static char *envelope_group(SmtpClient *client, const char *mail_from, struct curl_slist *rcpt,
-							size_t data_len, MemoryContext cxt);
 
 /* smtp_global_init: libcurl's process-wide setup, once, in the worker. */
 void
@@ -1047,22 +1045,40 @@ queue_output(SmtpClient *client, const char *data, size_t len, int replies)
 	client->expect += replies;
 }
 
-/* envelope_command: MAIL FROM, RCPT TO or DATA of the client's message. */
+/*
+ * envelope_command: MAIL FROM, RCPT TO or DATA (step 0, 1, 2) of a message
+ * (its envelope sender, recipient and size on the wire), in cxt.
+ */
 static char *
-envelope_command(SmtpClient *client, int step)
+envelope_command(SmtpClient *client, int step, const char *mail_from, struct curl_slist *rcpt,
+				 size_t data_len, MemoryContext cxt)
 {
-	MemoryContext old = MemoryContextSwitchTo(client->message_cxt);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
 	char	   *cmd;
 
 	if (step == 0)
-		cmd = client->size_ext ? psprintf("MAIL FROM:%s SIZE=%zu\r\n", client->mail_from, client->data_len)
-			: psprintf("MAIL FROM:%s\r\n", client->mail_from);
+		cmd = client->size_ext ? psprintf("MAIL FROM:%s SIZE=%zu\r\n", mail_from, data_len)
+			: psprintf("MAIL FROM:%s\r\n", mail_from);
 	else if (step == 1)
-		cmd = psprintf("RCPT TO:%s\r\n", client->rcpt->data);
+		cmd = psprintf("RCPT TO:%s\r\n", rcpt->data);
 	else
 		cmd = pstrdup("DATA\r\n");
 	MemoryContextSwitchTo(old);
 	return cmd;
+}
+
+/* envelope_group: the three envelope commands of a message, as one pipelined group, in cxt. */
+static char *
+envelope_group(SmtpClient *client, const char *mail_from, struct curl_slist *rcpt, size_t data_len,
+			   MemoryContext cxt)
+{
+	char	   *mail = envelope_command(client, 0, mail_from, rcpt, data_len, cxt);
+	char	   *to = envelope_command(client, 1, mail_from, rcpt, data_len, cxt);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	char	   *group = psprintf("%s%sDATA\r\n", mail, to);
+
+	MemoryContextSwitchTo(old);
+	return group;
 }
 
 /* envelope_state: a mail transaction whose envelope replies come next (expect of them written). */
@@ -1105,7 +1121,8 @@ session_begin(SmtpClient *client)
 	}
 	else
 	{
-		char	   *cmd = envelope_command(client, 0);
+		char	   *cmd = envelope_command(client, 0, client->mail_from, client->rcpt, client->data_len,
+									   client->message_cxt);
 
 		queue_output(client, cmd, strlen(cmd), 1);
 	}
@@ -1163,7 +1180,8 @@ session_reply(SmtpClient *client, int code, const char *line, TransferEnd *end)
 				}
 				if (!client->pipelining && ok && step < 2)
 				{
-					char	   *cmd = envelope_command(client, step + 1);
+					char	   *cmd = envelope_command(client, step + 1, client->mail_from, client->rcpt,
+												   client->data_len, client->message_cxt);
 
 					queue_output(client, cmd, strlen(cmd), 1);
 					return;
@@ -1467,23 +1485,6 @@ pool_client(SmtpPool *pool, const SmtpConfig *cfg)
 	}
 	session_close(oldest, true);
 	return oldest;
-}
-
-/*
- * envelope_group: MAIL FROM, RCPT TO and DATA of a message, as one
- * pipelined group, in cxt.
- */
-static char *
-envelope_group(SmtpClient *client, const char *mail_from, struct curl_slist *rcpt, size_t data_len,
-			   MemoryContext cxt)
-{
-	MemoryContext old = MemoryContextSwitchTo(cxt);
-	char	   *group = client->size_ext
-		? psprintf("MAIL FROM:%s SIZE=%zu\r\nRCPT TO:%s\r\nDATA\r\n", mail_from, data_len, rcpt->data)
-		: psprintf("MAIL FROM:%s\r\nRCPT TO:%s\r\nDATA\r\n", mail_from, rcpt->data);
-
-	MemoryContextSwitchTo(old);
-	return group;
 }
 
 /*
