@@ -267,6 +267,7 @@ extern void sender_direct_begin(MemoryContext cxt);
 extern void sender_add_direct(int64 id, const DirectText *texts, int64 event_id, int64 rule_id,
 							  bool has_attachments);
 extern void sender_direct_ready(void);
+extern int	sender_direct_pending(void);
 extern void sender_shutdown(void);
 extern void sender_abandon_transfers(void);
 

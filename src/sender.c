@@ -523,6 +523,13 @@ sender_add_direct(int64 id, const DirectText *texts, int64 event_id, int64 rule_
 	MemoryContextSwitchTo(old);
 }
 
+/* sender_direct_pending: messages the committed fan-out left for this worker's next send round. */
+int
+sender_direct_pending(void)
+{
+	return direct_ready ? list_length(direct_list) : 0;
+}
+
 /* sender_direct_ready: the fan-out committed: its claims are the next send round's. */
 void
 sender_direct_ready(void)

@@ -883,6 +883,8 @@ ask_for_help(void)
 		if (notify_shared->workers[i].in_use && notify_shared->workers[i].dboid == MyDatabaseId &&
 			!notify_shared->workers[i].stop && !notify_shared->workers[i].exited)
 			running++;
+	/* what this worker's fan-out kept to send itself is work in hand too */
+	due += sender_direct_pending();
 	wanted = (int) Min((int64) notify_workers, Max((due + 1) / 2, 1));
 	if (db->dboid == MyDatabaseId)
 	{
